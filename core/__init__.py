@@ -1,0 +1,66 @@
+"""steadytrain: plugins that keep neural-network training stable, around any training loop.
+
+Everything a plugin author or a host needs is importable from here; ``__all__`` is the
+public API and built-in plugins use nothing else.
+"""
+
+from . import hookspecs, schedules, validators
+from ._version import __version__
+from .config import (
+    InstanceConfig,
+    RunConfig,
+    load_config,
+    structure_config,
+    structure_options,
+    unstructure_config,
+)
+from .context import Run, SkipRequest, StepContext, StepOutcome, report
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    FilterError,
+    HookError,
+    OptionError,
+    RegistryError,
+    SteadytrainError,
+    TermError,
+)
+from .filters import VariableFilter
+from .hookspecs import hookimpl
+from .metrics import MetricStore
+from .pipeline import Pipeline
+from .plugin import NoOptions, Plugin
+from .registry import Registry
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "FilterError",
+    "HookError",
+    "InstanceConfig",
+    "MetricStore",
+    "NoOptions",
+    "OptionError",
+    "Pipeline",
+    "Plugin",
+    "Registry",
+    "RegistryError",
+    "Run",
+    "RunConfig",
+    "SkipRequest",
+    "SteadytrainError",
+    "StepContext",
+    "StepOutcome",
+    "TermError",
+    "VariableFilter",
+    "__version__",
+    "hookimpl",
+    "hookspecs",
+    "load_config",
+    "report",
+    "schedules",
+    "structure_config",
+    "structure_options",
+    "unstructure_config",
+    "validators",
+]

@@ -1,0 +1,373 @@
+"""Run configs: a list of plugin instances, loaded from a dict, TOML or YAML.
+
+A config names plugin instances in the order their hooks run::
+
+    finite_check = "auto"          # optional
+    disable = ["grad_norm"]        # optional: names or ids switched off
+
+    [[plugins]]
+    plugin = "ema"                 # the plugin's name
+    id = "ema_fast"                # optional; needed when a plugin appears twice
+    enabled = true                 # optional
+    weight = 1.0                   # optional: a number or a schedule table
+    include = ["encoder.*"]        # optional glob patterns
+    exclude = ["*.bias"]
+    decay = 0.999                  # the plugin's own options
+
+Every error names its path (``plugins[2].decay: must be in (0, 1), got 1.5``) and, for
+unknown keys and plugin names, suggests close matches. All errors of a config are
+reported at once.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import cattrs
+from cattrs.errors import (
+    ClassValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+    IterableValidationNote,
+)
+
+from .errors import ConfigError, OptionError, RegistryError, suggest
+from .filters import ON_UNMATCHED
+from .plugin import Plugin
+from .registry import Registry
+from .schedules import SCHEDULES, Constant, Schedule
+
+INSTANCE_KEYS = ("plugin", "id", "enabled", "weight", "include", "exclude", "on_unmatched")
+FINITE_CHECKS = ("auto", "step", "log")
+RUN_KEYS = ("plugins", "disable", "autoload", "finite_check")
+
+
+@attrs.frozen
+class InstanceConfig:
+    """One entry of the plugin list: which plugin, with which settings."""
+
+    plugin: str
+    options: Any
+    id: str | None = None
+    enabled: bool = True
+    weight: Schedule = Constant(1.0)
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    on_unmatched: str = "error"
+
+    @property
+    def key(self) -> str:
+        return self.id or self.plugin
+
+    def build(self, factory: type[Plugin]) -> Plugin:
+        """Make the plugin instance this entry describes."""
+        return factory(
+            self.options,
+            id=self.key,
+            weight=self.weight,
+            include=self.include,
+            exclude=self.exclude,
+            on_unmatched=self.on_unmatched,
+        )
+
+
+@attrs.frozen
+class RunConfig:
+    """A whole config: the plugin instances and the switches that apply to all of them."""
+
+    plugins: tuple[InstanceConfig, ...] = ()
+    disable: tuple[str, ...] = ()
+    autoload: bool = True
+    finite_check: str = "auto"
+
+
+def _expect(kind: str, ok: bool, value: Any) -> None:
+    if not ok:
+        raise TypeError(f"expected {kind}, got {value!r}")
+
+
+def _structure_str_tuple(value: Any, _type: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    _expect("a list of strings", isinstance(value, (list, tuple))
+            and all(isinstance(v, str) for v in value), value)
+    return tuple(value)
+
+
+def _structure_bool(value: Any, _type: Any) -> bool:
+    _expect("true or false", isinstance(value, bool), value)
+    return value
+
+
+def _structure_int(value: Any, _type: Any) -> int:
+    _expect("an integer", isinstance(value, int) and not isinstance(value, bool), value)
+    return value
+
+
+def _structure_float(value: Any, _type: Any) -> float:
+    _expect("a number", isinstance(value, (int, float)) and not isinstance(value, bool), value)
+    return float(value)
+
+
+def _structure_str(value: Any, _type: Any) -> str:
+    _expect("a string", isinstance(value, str), value)
+    return value
+
+
+def _structure_schedule(value: Any, _type: Any) -> Schedule:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return Constant(float(value))
+    _expect("a number or a schedule table with a 'kind'", isinstance(value, Mapping), value)
+    table = dict(value)
+    kind = table.pop("kind", None)
+    if kind not in SCHEDULES:
+        raise OptionError(
+            "kind",
+            f"unknown schedule {kind!r}{suggest(str(kind), SCHEDULES)}; "
+            f"the schedules are {', '.join(SCHEDULES)}",
+        )
+    return converter.structure(table, SCHEDULES[kind])
+
+
+def _unstructure_schedule(schedule: Schedule) -> Any:
+    if isinstance(schedule, Constant):
+        return schedule.value
+    return {"kind": schedule.kind, **converter.unstructure(schedule)}
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+    conv.register_structure_hook(bool, _structure_bool)
+    conv.register_structure_hook(int, _structure_int)
+    conv.register_structure_hook(float, _structure_float)
+    conv.register_structure_hook(str, _structure_str)
+    conv.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_str_tuple)
+    conv.register_structure_hook_func(lambda t: t == Schedule, _structure_schedule)
+    conv.register_unstructure_hook(tuple, list)
+    return conv
+
+
+converter = _make_converter()
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in attrs.fields(cls)] if attrs.has(cls) else []
+
+
+def error_messages(exc: BaseException, path: str) -> list[str]:
+    """Flatten a structuring error into ``path: problem`` lines."""
+    if isinstance(exc, (ClassValidationError, IterableValidationError)):
+        noted, plain = exc.group_exceptions()
+        lines: list[str] = []
+        for sub, note in noted:
+            where = (f"[{note.index}]" if isinstance(note, IterableValidationNote)
+                     else f".{note.name}")
+            lines += error_messages(sub, path + where)
+        for sub in plain:
+            lines += error_messages(sub, path)
+        return lines
+    if isinstance(exc, ForbiddenExtraKeysError):
+        known = _field_names(exc.cl)
+        return [
+            f"{path}: unknown key {key!r}{suggest(key, known)}; "
+            f"known keys: {', '.join(known) or '(none)'}"
+            for key in sorted(exc.extra_fields)
+        ]
+    if isinstance(exc, OptionError):
+        return [f"{path}.{exc.option}: {exc.message}"]
+    if len(exc.args) >= 2 and isinstance(exc.args[1], attrs.Attribute):
+        return [f"{path}.{exc.args[1].name}: {exc.args[0]}"]
+    if isinstance(exc, KeyError):
+        return [f"{path}: missing required option"]
+    return [f"{path}: {exc}"]
+
+
+def structure_options(options: Mapping[str, Any], config_cls: type, path: str) -> Any:
+    """Turn a plugin's option table into its ``Config`` instance, or raise ConfigError."""
+    try:
+        return converter.structure(dict(options), config_cls)
+    except (ClassValidationError, ForbiddenExtraKeysError, ValueError, TypeError) as exc:
+        raise ConfigError("\n".join(error_messages(exc, path))) from None
+
+
+def _structure_instance(raw: Any, path: str, registry: Registry) -> InstanceConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path}: expected a table with a 'plugin' key, got {raw!r}")
+    if "plugin" not in raw:
+        raise ConfigError(f"{path}.plugin: missing; every entry names its plugin")
+    name = raw["plugin"]
+    try:
+        factory = registry.get(name) if isinstance(name, str) else None
+    except RegistryError as exc:
+        raise ConfigError(f"{path}.plugin: {exc}") from None
+    if factory is None:
+        raise ConfigError(f"{path}.plugin: expected a plugin name, got {name!r}")
+    common = {k: raw[k] for k in INSTANCE_KEYS if k in raw and k != "plugin"}
+    options = {k: v for k, v in raw.items() if k not in INSTANCE_KEYS}
+    errors: list[str] = []
+    settings: dict[str, Any] = {}
+    for key, kind in (("id", str | None), ("enabled", bool), ("weight", Schedule),
+                      ("include", tuple[str, ...]), ("exclude", tuple[str, ...]),
+                      ("on_unmatched", str)):
+        if key not in common:
+            continue
+        try:
+            settings[key] = converter.structure(common[key], kind)
+        except Exception as exc:
+            errors += error_messages(exc, f"{path}.{key}")
+    if settings.get("on_unmatched", "error") not in ON_UNMATCHED:
+        errors.append(f"{path}.on_unmatched: must be one of {', '.join(ON_UNMATCHED)}, "
+                      f"got {settings['on_unmatched']!r}")
+    try:
+        settings["options"] = structure_options(options, factory.Config, path)
+    except ConfigError as exc:
+        errors += str(exc).splitlines()
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return InstanceConfig(plugin=name, **settings)
+
+
+def structure_config(raw: Mapping[str, Any], *, registry: Registry | None = None) -> RunConfig:
+    """Build a :class:`RunConfig` from plain data; every problem is reported with its path."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"a config is a table with a 'plugins' list, got {type(raw).__name__}")
+    errors = [
+        f"{key}: unknown key{suggest(key, RUN_KEYS)}; known keys: {', '.join(RUN_KEYS)}"
+        for key in raw
+        if key not in RUN_KEYS
+    ]
+    settings: dict[str, Any] = {}
+    for key, kind in (("disable", tuple[str, ...]), ("autoload", bool), ("finite_check", str)):
+        if key in raw:
+            try:
+                settings[key] = converter.structure(raw[key], kind)
+            except Exception as exc:
+                errors += error_messages(exc, key)
+    if settings.get("finite_check", "auto") not in FINITE_CHECKS:
+        errors.append(f"finite_check: must be one of {', '.join(FINITE_CHECKS)}, "
+                      f"got {settings['finite_check']!r}")
+    if registry is None:
+        registry = Registry.discover(autoload=None if settings.get("autoload", True) else False)
+    entries = raw.get("plugins", [])
+    if not isinstance(entries, Sequence) or isinstance(entries, str):
+        errors.append(f"plugins: expected a list of tables, got {entries!r}")
+        entries = []
+    instances = []
+    seen: dict[str, int] = {}
+    for index, entry in enumerate(entries):
+        path = f"plugins[{index}]"
+        try:
+            instance = _structure_instance(entry, path, registry)
+        except ConfigError as exc:
+            errors += str(exc).splitlines()
+            continue
+        if instance.key in seen:
+            errors.append(
+                f"{path}.id: instance id {instance.key!r} is already used by "
+                f"plugins[{seen[instance.key]}]; give each instance of a plugin its own id"
+            )
+        seen[instance.key] = index
+        instances.append(instance)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return RunConfig(plugins=tuple(instances), **settings)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML, YAML or JSON file into plain data; errors name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            return tomllib.loads(text)
+        if suffix == ".json":
+            return json.loads(text)
+        if suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError(
+                    f"{path}: reading YAML needs PyYAML: pip install 'steadytrain[yaml]'"
+                ) from None
+            data = yaml.safe_load(text)
+            return {} if data is None else data
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid {suffix[1:].upper()}: {exc}") from None
+    except Exception as exc:
+        if type(exc).__module__.startswith("yaml"):
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise
+    raise ConfigError(f"{path}: unknown config format {suffix!r}; use .toml, .yaml or .json")
+
+
+def load_config(
+    source: Mapping[str, Any] | str | Path | RunConfig, *, registry: Registry | None = None
+) -> RunConfig:
+    """Load a config from a mapping, a file path (TOML, YAML, JSON) or pass one through."""
+    if isinstance(source, RunConfig):
+        return source
+    if isinstance(source, Mapping):
+        return structure_config(source, registry=registry)
+    data = read_config_file(source)
+    try:
+        return structure_config(data, registry=registry)
+    except ConfigError as exc:
+        raise ConfigError("\n".join(f"{source}: {line}" for line in str(exc).splitlines())) \
+            from None
+
+
+def unstructure_config(config: RunConfig) -> dict[str, Any]:
+    """The plain-data form of *config*; :func:`structure_config` turns it back."""
+    entries = []
+    for inst in config.plugins:
+        entry: dict[str, Any] = {"plugin": inst.plugin}
+        if inst.id is not None:
+            entry["id"] = inst.id
+        entry.update(
+            enabled=inst.enabled,
+            weight=_unstructure_schedule(inst.weight),
+            include=list(inst.include),
+            exclude=list(inst.exclude),
+            on_unmatched=inst.on_unmatched,
+        )
+        entry.update(converter.unstructure(inst.options))
+        entries.append(entry)
+    return {
+        "plugins": entries,
+        "disable": list(config.disable),
+        "autoload": config.autoload,
+        "finite_check": config.finite_check,
+    }
+
+
+def describe_type(kind: Any) -> str:
+    """A short readable name of a field's type (``float``, ``tuple[str, ...]``)."""
+    if isinstance(kind, str):
+        return kind
+    if isinstance(kind, type) and not isinstance(kind, types.GenericAlias):
+        return kind.__name__
+    return str(kind).replace("typing.", "")
+
+
+def option_table(factory: type[Plugin]) -> list[tuple[str, str, Any]]:
+    """``(name, type, default)`` for every option of a plugin's ``Config``."""
+    hints = typing.get_type_hints(factory.Config) if attrs.has(factory.Config) else {}
+    rows = []
+    for field in attrs.fields(factory.Config):
+        default = field.default
+        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+            default = default.factory()
+        rows.append((field.name, describe_type(hints.get(field.name, field.type)),
+                     converter.unstructure(default)))
+    return rows

@@ -1,0 +1,210 @@
+"""What the pipeline hands to plugins: the run (``Run``) and the current step (``StepContext``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import torch
+
+from .filters import VariableFilter
+from .metrics import MetricStore
+
+if TYPE_CHECKING:
+    from .plugin import Plugin
+
+_active_step: ContextVar[StepContext | None] = ContextVar("steadytrain_active_step", default=None)
+
+
+def report(name: str, value: torch.Tensor) -> None:
+    """Put *value* into the outputs of the step that is open, as ``ctx.outputs[name]``.
+
+    Modules call this from ``forward`` to hand gates, masks or corrections to the
+    plugins without threading them through the model's return value. Outside a training
+    step (evaluation, inference) it does nothing. Reporting the same name twice in one
+    forward pass keeps every value: the output becomes a list in report order.
+    """
+    ctx = _active_step.get()
+    if ctx is None:
+        return
+    if name in ctx.reported:
+        previous = ctx.outputs[name]
+        ctx.outputs[name] = [*previous, value] if isinstance(previous, list) else [previous, value]
+    else:
+        ctx.reported.add(name)
+        ctx.outputs[name] = value
+
+
+@attrs.define(eq=False)
+class Run:
+    """The training run a pipeline is bound to; handed to the lifecycle hooks.
+
+    ``step`` counts optimizer steps completed (skipped ones included) and ``epoch`` the
+    current epoch. ``total_steps`` is ``None`` when the host did not say how long the run
+    is; then ``progress`` is ``None`` too.
+    """
+
+    model: torch.nn.Module | None = None
+    optimizers: tuple[torch.optim.Optimizer, ...] = ()
+    total_steps: int | None = None
+    step: int = 0
+    epoch: int = 0
+    skipped_steps: int = 0
+    metrics: MetricStore = attrs.Factory(MetricStore)
+    taps: dict[str, Any] = attrs.Factory(dict)
+    _tap_handles: list[Any] = attrs.Factory(list)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The first optimizer, or ``None``."""
+        return self.optimizers[0] if self.optimizers else None
+
+    @property
+    def progress(self) -> float | None:
+        if self.total_steps is None:
+            return None
+        return min(1.0, self.step / self.total_steps)
+
+    def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The model's parameters by name (empty without a model)."""
+        return [] if self.model is None else list(self.model.named_parameters())
+
+    def tap(self, plugin: Plugin, patterns: str | Sequence[str]) -> tuple[str, ...]:
+        """Capture the outputs of the model's modules whose names match *patterns*.
+
+        Returns the matched module names; during a step, ``ctx.taps[name]`` holds the
+        output of module ``name`` from the current micro-batch's forward pass (still part
+        of the graph). A pattern that matches no module is an error naming the plugin.
+        """
+        if self.model is None:
+            raise ValueError(f"plugin instance {plugin.key!r} asks for taps but no model is bound")
+        patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+        modules = dict(self.model.named_modules())
+        names = VariableFilter(include=patterns, owner=f"{plugin.key}.taps").select(
+            [n for n in modules if n], kind="module"
+        )
+        for name in names:
+            if any(getattr(h, "tap_name", None) == name for h in self._tap_handles):
+                continue
+            handle = modules[name].register_forward_hook(self._capture(name))
+            handle.tap_name = name
+            self._tap_handles.append(handle)
+        return names
+
+    def _capture(self, name: str) -> Callable[..., None]:
+        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+            self.taps[name] = output
+
+        return hook
+
+    def remove_taps(self) -> None:
+        for handle in self._tap_handles:
+            handle.remove()
+        self._tap_handles.clear()
+        self.taps.clear()
+
+
+@attrs.frozen
+class SkipRequest:
+    """A plugin's request that the host not step the optimizer this time."""
+
+    instance: str
+    reason: str
+    when: bool | torch.Tensor = True
+
+
+@attrs.define(eq=False)
+class StepOutcome:
+    """What the host needs after the backward: whether to step the optimizer.
+
+    ``skip`` turns the requests into a bool, syncing the host once if a request's
+    condition is a device tensor; ``flag`` is the same decision as a tensor (no sync).
+    """
+
+    requests: tuple[SkipRequest, ...] = ()
+    _skip: bool | None = None
+
+    @property
+    def skip(self) -> bool:
+        if self._skip is None:
+            self._skip = any(bool(r.when) for r in self.requests)
+        return self._skip
+
+    @property
+    def reasons(self) -> list[str]:
+        """``"instance: reason"`` for every request whose condition holds."""
+        return [f"{r.instance}: {r.reason}" for r in self.requests if bool(r.when)]
+
+    @property
+    def flag(self) -> torch.Tensor | bool:
+        flags = [r.when for r in self.requests]
+        tensors = [f for f in flags if isinstance(f, torch.Tensor)]
+        if any(f is True for f in flags):
+            return True
+        if not tensors:
+            return False
+        result = tensors[0].bool()
+        for other in tensors[1:]:
+            result = result | other.bool()
+        return result
+
+
+@attrs.define(eq=False)
+class StepContext:
+    """Everything a step hook may read, for one optimizer step.
+
+    The same object serves every micro-batch of the step: ``micro_batch``, ``batch``,
+    ``targets``, ``task_loss``, ``outputs`` and ``taps`` are replaced for each one.
+    ``instance`` is the key of the plugin instance whose hook is running; :meth:`log`
+    uses it to name metrics.
+    """
+
+    run: Run
+    step: int
+    epoch: int
+    progress: float | None
+    num_micro_batches: int = 1
+    micro_batch: int = 0
+    loss_scale: float = 1.0
+    batch: Any = None
+    targets: Any = None
+    task_loss: torch.Tensor | None = None
+    outputs: dict[str, Any] = attrs.Factory(dict)
+    reported: set[str] = attrs.Factory(set)
+    skip_requests: list[SkipRequest] = attrs.Factory(list)
+    skipped: bool = False
+    instance: str = ""
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        return self.run.model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self.run.optimizer
+
+    @property
+    def optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
+        return self.run.optimizers
+
+    @property
+    def taps(self) -> Mapping[str, Any]:
+        return self.run.taps
+
+    @property
+    def is_last_micro_batch(self) -> bool:
+        return self.micro_batch == self.num_micro_batches - 1
+
+    def log(self, name: str, value: torch.Tensor | float) -> None:
+        """Record a scalar metric as ``<instance>/<name>``; stays on the device."""
+        self.run.metrics.record(f"{self.instance}/{name}", value, step=self.step)
+
+    def request_skip(self, reason: str, *, when: bool | torch.Tensor = True) -> None:
+        """Ask the host not to step the optimizer this time, if *when* holds.
+
+        *when* may be a boolean device tensor: nothing is synced until the host reads
+        the outcome.
+        """
+        self.skip_requests.append(SkipRequest(self.instance, reason, when))

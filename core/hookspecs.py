@@ -1,0 +1,163 @@
+"""The hook contract: the points of a training step at which a plugin runs.
+
+This module is the first file a plugin author reads. Every hook below is called by the
+pipeline, never by a plugin, and every hook takes keyword arguments only: ``run`` for the
+lifecycle hooks, ``ctx`` for the step hooks. An implementation may leave an argument out
+of its signature; pluggy then does not pass it.
+
+Implement a hook by naming a method after it and marking it with
+:data:`steadytrain.hookimpl`::
+
+    class MyPenalty(steadytrain.Plugin):
+        name = "my_penalty"
+
+        @steadytrain.hookimpl
+        def compute_regularizers(self, ctx):
+            return {"l2": ctx.outputs["hidden"].pow(2).mean()}
+
+Rules that hold for every hook:
+
+* The core is gradient-free. No hook may call ``backward()``, step or zero an optimizer:
+  the host owns the training loop. A hook that must keep a graph for a double backward
+  declares ``needs_create_graph = True`` on its plugin class and the host asks the
+  pipeline (:attr:`steadytrain.Pipeline.needs_create_graph`) before calling backward.
+* Arguments never have defaults in an implementation: pluggy does not pass arguments
+  that have defaults, so ``def before_step(self, ctx=None)`` would always see ``None``.
+* Hooks run in the order of the config's plugin list. ``@hookimpl(tryfirst=True)`` and
+  ``@hookimpl(trylast=True)`` move an implementation to the front or the back; keep them
+  for the few plugins that must run first or last (a non-finite guard, a metric of the
+  final gradients). Hook wrappers are not supported.
+* An exception raised in a hook is re-raised as :class:`steadytrain.HookError` naming the
+  plugin instance, the hook and the step; the pipeline's counters are left as they were
+  before the failing call, so the host may save a checkpoint and stop.
+* Tensors recorded with ``ctx.log`` stay on their device: logging a metric never syncs
+  the host with an accelerator. Do not call ``.item()``, ``float()`` or ``bool()`` on a
+  device tensor in a step hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import pluggy
+import torch
+
+if TYPE_CHECKING:
+    from .context import Run, StepContext
+
+PROJECT_NAME = "steadytrain"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def setup(run: Run) -> None:
+    """Bind the plugin to the model and optimizers; called once, before the first step.
+
+    ``run`` holds the model, the optimizers, the total number of steps when known, and
+    the pipeline's counters (non-zero when a checkpoint was loaded before ``setup``).
+    Resolve include/exclude filters here (``self.filter.select(...)``), allocate state
+    (shadow weights, running statistics) and ask for forward taps with
+    ``run.tap(self, patterns)``. Nothing may be computed here that depends on a batch.
+    """
+
+
+@hookspec
+def teardown(run: Run) -> None:
+    """Release what ``setup`` took; called once when the pipeline is closed.
+
+    Forward taps are removed by the core. A plugin that swapped weights into the model
+    must leave the model as the host expects it (training weights).
+    """
+
+
+@hookspec
+def on_epoch_start(run: Run) -> None:
+    """An epoch begins; ``run.epoch`` is its zero-based index."""
+
+
+@hookspec
+def on_epoch_end(run: Run) -> None:
+    """An epoch ended; ``run.epoch`` is the index of the epoch that ended.
+
+    Epoch-level work goes here: consolidation at epoch boundaries, epoch aggregates.
+    """
+
+
+@hookspec
+def on_eval_start(run: Run) -> None:
+    """The host is about to evaluate the model.
+
+    A weight-averaging plugin swaps its averaged weights into the model here.
+    """
+
+
+@hookspec
+def on_eval_end(run: Run) -> None:
+    """Evaluation finished: undo what ``on_eval_start`` did (swap training weights back)."""
+
+
+@hookspec
+def before_step(ctx: StepContext) -> None:
+    """A micro-batch is about to go through the forward pass.
+
+    Called once per micro-batch: ``ctx.micro_batch`` counts from 0 to
+    ``ctx.num_micro_batches - 1`` within one optimizer step. Schedules, curricula,
+    temperatures and per-step bookkeeping go here. ``ctx.task_loss`` and ``ctx.outputs``
+    are not set yet; ``ctx.batch`` and ``ctx.targets`` are, when the host passed them.
+    """
+
+
+@hookspec
+def compute_regularizers(ctx: StepContext) -> Mapping[str, torch.Tensor] | None:
+    """Return the loss terms of this plugin instance for the current micro-batch.
+
+    Called after the forward pass and before the single backward. ``ctx.task_loss``,
+    ``ctx.outputs`` (the named tensors the host passed) and ``ctx.taps`` (outputs of the
+    modules this plugin tapped) are set.
+
+    Return a mapping of term name to a scalar tensor that is part of the forward graph,
+    or ``None`` for no term this time. Return raw terms: the core multiplies each by the
+    instance's ``weight`` (a constant or a schedule), adds them to the task loss in a fixed
+    order (the config's order, then the term names in the order returned), scales the
+    sum for gradient accumulation and hands it to the host for one backward. Raw and
+    weighted terms are recorded as metrics ``reg/<instance>/<term>`` and
+    ``reg_weighted/<instance>/<term>``.
+
+    A term that is not a tensor, has more than one element, or is not finite is an
+    error naming the instance and the term.
+    """
+
+
+@hookspec
+def after_backward(ctx: StepContext) -> None:
+    """Gradients of the whole optimizer step are ready; the optimizer has not stepped.
+
+    Called once per optimizer step, after the backward of the last micro-batch. Clip or
+    inspect gradients here. To ask the host not to step the optimizer this time, call
+    ``ctx.request_skip(reason, when=...)``; ``when`` may be a device tensor so that the
+    decision costs no host sync until the host reads it.
+    """
+
+
+@hookspec
+def consolidate(ctx: StepContext) -> None:
+    """The optimizer stepped (or the step was skipped: ``ctx.skipped`` says which).
+
+    Update averages of the weights, move memories, decay buffers. A plugin that averages
+    weights must not update on a skipped step.
+    """
+
+
+STEP_HOOKS = ("before_step", "compute_regularizers", "after_backward", "consolidate")
+LIFECYCLE_HOOKS = (
+    "setup",
+    "teardown",
+    "on_epoch_start",
+    "on_epoch_end",
+    "on_eval_start",
+    "on_eval_end",
+)
+HOOK_NAMES = STEP_HOOKS + LIFECYCLE_HOOKS

@@ -1,0 +1,91 @@
+"""The base class of every plugin, built-in or third-party."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+import attrs
+import torch
+
+from .errors import CheckpointError, ConfigError
+from .filters import VariableFilter
+from .schedules import Constant, Schedule
+
+
+@attrs.frozen
+class NoOptions:
+    """The ``Config`` of a plugin that takes no options of its own."""
+
+
+class Plugin:
+    """A stabilization technique: a config, some state, and the hooks it implements.
+
+    Subclasses set ``name`` (the entry-point name) and ``Config`` (a frozen attrs class
+    whose defaults come from the literature) and implement hooks from
+    :mod:`steadytrain.hookspecs` as methods marked with :data:`steadytrain.hookimpl`.
+
+    The pipeline constructs one object per config entry, so the same plugin may appear
+    several times with different ids (one per model part, one per realm). Per-instance
+    settings that every plugin shares live here rather than in ``Config``: ``id``,
+    ``weight`` (a number or a :mod:`~steadytrain.schedules` schedule) and the
+    include/exclude patterns, available as :attr:`filter`.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = NoOptions
+    #: Oldest steadytrain version this plugin works with, as ``"MAJOR.MINOR[.PATCH]"``.
+    requires_core: ClassVar[str | None] = None
+    #: Whether a regularizer of this plugin needs ``backward(create_graph=True)``.
+    needs_create_graph: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        config: Any = None,
+        *,
+        id: str | None = None,
+        weight: float | Schedule = 1.0,
+        include: Iterable[str] = ("*",),
+        exclude: Iterable[str] = (),
+        on_unmatched: str = "error",
+    ) -> None:
+        if config is None:
+            config = self.Config()
+        if not isinstance(config, self.Config):
+            raise ConfigError(
+                f"{type(self).__name__}: config must be a {self.Config.__qualname__}, "
+                f"got {type(config).__name__}"
+            )
+        self.config = config
+        self.key = id or self.name
+        self.weight: Schedule = Constant(weight) if isinstance(weight, (int, float)) else weight
+        self.filter = VariableFilter(
+            include=tuple(include), exclude=tuple(exclude), owner=self.key,
+            on_unmatched=on_unmatched,
+        )
+
+    @classmethod
+    def summary(cls) -> str:
+        """The first line of the class docstring."""
+        doc = inspect.getdoc(cls) or ""
+        return doc.splitlines()[0] if doc else ""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to checkpoint: tensors, numbers, strings, and lists or dicts of them."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; called after ``setup``."""
+        if state:
+            raise CheckpointError(
+                f"plugin instance {self.key!r} ({self.name}) keeps no state but the "
+                f"checkpoint has {sorted(state)}"
+            )
+
+    def parameters(self) -> Iterable[torch.nn.Parameter]:
+        """Learnable parameters the plugin owns; the host adds them to its optimizer."""
+        return ()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(id={self.key!r}, config={self.config!r})"

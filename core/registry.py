@@ -1,0 +1,208 @@
+"""Finding plugins: the ``steadytrain.plugins`` entry-point group, plus in-process registration.
+
+Built-in plugins are entry points of the ``steadytrain`` distribution, found exactly like
+third-party ones. An entry point's name is the plugin's name and it points to a
+:class:`~steadytrain.Plugin` subclass (a factory; the pipeline makes the instances).
+
+Loading is lazy and fenced: a plugin that fails to import, is not a Plugin subclass, has
+a hook with a wrong signature or needs a newer core is recorded with its distribution,
+version and entry point. Listing still works; only a run whose config uses it fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from importlib import metadata
+
+import attrs
+import pluggy
+import structlog
+
+from . import hookspecs
+from ._version import __version__
+from .errors import RegistryError, suggest
+from .plugin import Plugin
+
+GROUP = "steadytrain.plugins"
+AUTOLOAD_ENV = "STEADYTRAIN_DISABLE_PLUGIN_AUTOLOAD"
+OWN_DISTRIBUTION = "steadytrain"
+
+log = structlog.get_logger("steadytrain")
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("."):
+        digits = "".join(c for c in piece if c.isdigit()) if not piece.isdigit() else piece
+        if not digits:
+            break
+        parts.append(int(digits))
+        if not piece.isdigit():
+            break
+    return tuple(parts)
+
+
+def hook_manager() -> pluggy.PluginManager:
+    """A fresh plugin manager that knows the hook specifications."""
+    manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    manager.add_hookspecs(hookspecs)
+    return manager
+
+
+def implemented_hooks(plugin: object) -> tuple[str, ...]:
+    """The hook names *plugin* (a class or an object) implements, in contract order."""
+    return tuple(
+        name
+        for name in hookspecs.HOOK_NAMES
+        if getattr(getattr(plugin, name, None), hookspecs.PROJECT_NAME + "_impl", None)
+        is not None
+    )
+
+
+def validate_plugin_class(factory: object, name: str) -> type[Plugin]:
+    """Check that *factory* is a usable plugin class; raise :class:`RegistryError` if not."""
+    if not (isinstance(factory, type) and issubclass(factory, Plugin)):
+        raise RegistryError(
+            f"must point to a steadytrain.Plugin subclass, got {factory!r}"
+        )
+    if not attrs.has(factory.Config):
+        raise RegistryError(f"{factory.__qualname__}.Config must be an attrs class")
+    if factory.requires_core and _version_tuple(factory.requires_core) > _version_tuple(
+        __version__
+    ):
+        raise RegistryError(
+            f"needs steadytrain >= {factory.requires_core}, this is {__version__}: "
+            "upgrade steadytrain"
+        )
+    manager = hook_manager()
+    try:
+        manager.register(factory, name=name)
+        manager.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise RegistryError(f"invalid hook implementation: {exc}") from exc
+    for hook in implemented_hooks(factory):
+        opts = getattr(getattr(factory, hook), hookspecs.PROJECT_NAME + "_impl")
+        if opts.get("wrapper") or opts.get("hookwrapper"):
+            raise RegistryError(f"hook {hook}: hook wrappers are not supported")
+    return factory
+
+
+@attrs.define(eq=False)
+class PluginEntry:
+    """One plugin name: where it comes from and, once loaded, its class or its error."""
+
+    name: str
+    distribution: str | None = None
+    version: str | None = None
+    entry_point: str | None = None
+    _factory: type[Plugin] | None = None
+    _entry: metadata.EntryPoint | None = None
+    error: str | None = None
+
+    @property
+    def origin(self) -> str:
+        if self.entry_point is None:
+            return "registered in-process"
+        return (f"entry point {self.name} = {self.entry_point!r} of distribution "
+                f"{self.distribution} {self.version}")
+
+    def load(self) -> type[Plugin]:
+        """Import the plugin class; raise :class:`RegistryError` naming its origin if broken."""
+        if self._factory is None and self.error is None:
+            try:
+                self._factory = validate_plugin_class(self._entry.load(), self.name)
+            except RegistryError as exc:
+                self.error = str(exc)
+            except Exception as exc:  # a third-party import may raise anything
+                self.error = f"import failed: {type(exc).__name__}: {exc}"
+            if self.error is not None:
+                log.warning("plugin.broken", plugin=self.name, distribution=self.distribution,
+                            version=self.version, entry_point=self.entry_point, error=self.error)
+        if self.error is not None:
+            raise RegistryError(f"plugin {self.name!r} ({self.origin}) is broken: {self.error}")
+        return self._factory
+
+
+class Registry:
+    """Plugin names to their entries; :meth:`discover` fills it from entry points."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, PluginEntry] = {}
+
+    @classmethod
+    def discover(
+        cls, *, autoload: bool | None = None, path: list[str] | None = None
+    ) -> Registry:
+        """Read the ``steadytrain.plugins`` entry points of the installed distributions.
+
+        With ``autoload=False`` (or the environment variable
+        ``STEADYTRAIN_DISABLE_PLUGIN_AUTOLOAD`` set to a non-empty value) only the
+        built-in plugins are read; register others with :meth:`register`. *path* replaces
+        ``sys.path`` as the places to look.
+        """
+        if autoload is None:
+            autoload = not os.environ.get(AUTOLOAD_ENV)
+        registry = cls()
+        claims: dict[str, list[PluginEntry]] = {}
+        seen: set[tuple[str, str, str]] = set()
+        for dist in metadata.distributions(**({"path": path} if path is not None else {})):
+            dist_name = dist.metadata["Name"] or "?"
+            if not autoload and dist_name != OWN_DISTRIBUTION:
+                continue
+            for ep in dist.entry_points.select(group=GROUP):
+                marker = (ep.name, ep.value, dist_name)
+                if marker in seen:  # the same distribution found twice on the path
+                    continue
+                seen.add(marker)
+                entry = PluginEntry(ep.name, dist_name, dist.version, ep.value, entry=ep)
+                claims.setdefault(ep.name, []).append(entry)
+        for name, entries in claims.items():
+            entry = entries[0]
+            if len(entries) > 1:
+                owners = " and ".join(f"{e.distribution} {e.version} ({e.entry_point})"
+                                      for e in entries)
+                entry.error = f"the name is claimed by several distributions: {owners}"
+            registry._entries[name] = entry
+        return registry
+
+    def register(self, factory: type[Plugin], name: str | None = None) -> None:
+        """Register a plugin class in-process (notebooks, tests), under *name* or its own."""
+        name = name or getattr(factory, "name", "")
+        if not name:
+            raise RegistryError(f"{factory!r} has no name: pass name=...")
+        try:
+            validate_plugin_class(factory, name)
+        except RegistryError as exc:
+            raise RegistryError(f"cannot register {name!r}: {exc}") from None
+        if name in self._entries:
+            raise RegistryError(
+                f"cannot register {name!r}: the name is taken by {self._entries[name].origin}"
+            )
+        self._entries[name] = PluginEntry(name, factory=factory)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def entry(self, name: str) -> PluginEntry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise RegistryError(
+                f"unknown plugin {name!r}{suggest(name, self._entries)}; "
+                f"`steadytrain plugins` lists the installed ones"
+            ) from None
+
+    def get(self, name: str) -> type[Plugin]:
+        """The plugin class called *name*; a clear error if unknown or broken."""
+        return self.entry(name).load()
+
+    def entries(self) -> list[PluginEntry]:
+        """Every entry, loaded (so broken ones carry their error), sorted by name."""
+        for entry in self._entries.values():
+            with contextlib.suppress(RegistryError):
+                entry.load()
+        return [self._entries[n] for n in self.names()]

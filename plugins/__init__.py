@@ -1,0 +1,1 @@
+"""The built-in plugins. Each module is one technique and uses only ``steadytrain.__all__``."""
