@@ -4,7 +4,7 @@ Everything a plugin author or a host needs is importable from here; ``__all__`` 
 public API and built-in plugins use nothing else.
 """
 
-from . import hookspecs, schedules, validators
+from . import hookspecs, nn, schedules, validators
 from ._version import __version__
 from .config import (
     InstanceConfig,
@@ -57,6 +57,7 @@ __all__ = [
     "hookimpl",
     "hookspecs",
     "load_config",
+    "nn",
     "report",
     "schedules",
     "structure_config",

@@ -12,6 +12,10 @@ When to use it
 Hyperparameters
     ``norm_type`` (default 2.0; ``inf`` for the max-abs norm).
 
+Source
+    Standard practice; the memory-model stability document (seed 000) lists the gradient
+    norm among the metrics that confirm a run is stable.
+
 Caveats
     Parameters without a gradient this step are left out. Under gradient scaling (AMP)
     the norm is of the scaled gradients unless the host unscales before

@@ -1,0 +1,1 @@
+"""Building blocks for models: torch modules that report their gates and masks to the pipeline."""
