@@ -338,12 +338,12 @@ class Pipeline:
                 f"{num_micro_batches}"
             )
         ctx = self._ctx
-        if micro_batch == 0:
-            if ctx is not None:
-                raise RuntimeError(
-                    f"step {ctx.step} is still open: call after_backward() and consolidate() "
-                    "before the next before_step()"
-                )
+        if ctx is not None and micro_batch == 0 and ctx.is_last_micro_batch:
+            raise RuntimeError(
+                f"step {ctx.step} is still open: call after_backward() and consolidate() "
+                "before the next before_step()"
+            )
+        if micro_batch == 0 and ctx is None:
             run = self.run
             progress = run.progress
             ctx = StepContext(run, run.step, run.epoch, progress, num_micro_batches)

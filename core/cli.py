@@ -1,0 +1,145 @@
+"""The ``steadytrain`` command: list plugins, show their options, validate configs.
+
+    steadytrain plugins [--json]      every discovered plugin, broken ones included
+    steadytrain config NAME           a plugin's options with their defaults, as TOML
+    steadytrain check FILE            validate a config file without training
+
+``-p no:NAME`` (repeatable) leaves a plugin or instance out and ``--no-autoload`` reads
+only the built-in plugins, like pytest's ``-p no:NAME`` and
+``PYTEST_DISABLE_PLUGIN_AUTOLOAD``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ._version import __version__
+from .config import load_config, option_table
+from .errors import SteadytrainError
+from .pipeline import Pipeline
+from .registry import Registry, implemented_hooks
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if value is None:
+        return '""  # none'
+    return repr(value)
+
+
+def _registry(args: argparse.Namespace) -> Registry:
+    return Registry.discover(autoload=False if args.no_autoload else None)
+
+
+def _disabled(args: argparse.Namespace) -> list[str]:
+    names = []
+    for flag in args.plugin_flags:
+        if not flag.startswith("no:"):
+            raise SteadytrainError(f"-p {flag}: only -p no:NAME is understood")
+        names.append(flag[3:])
+    return names
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    disabled = set(_disabled(args))
+    rows = []
+    for entry in _registry(args).entries():
+        if entry.name in disabled:
+            continue
+        row = {
+            "name": entry.name,
+            "distribution": entry.distribution,
+            "version": entry.version,
+            "entry_point": entry.entry_point,
+            "hooks": [],
+            "summary": "",
+            "error": entry.error,
+        }
+        if entry.error is None:
+            factory = entry.load()
+            row["hooks"] = list(implemented_hooks(factory))
+            row["summary"] = factory.summary()
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        origin = f"{row['distribution'] or 'in-process'} {row['version'] or ''}".strip()
+        print(f"{row['name']}  ({origin})")
+        if row["error"]:
+            print(f"    BROKEN: {row['error']}")
+            print(f"    entry point: {row['entry_point']}")
+            continue
+        print(f"    {row['summary']}")
+        print(f"    hooks: {', '.join(row['hooks']) or '(none)'}")
+    broken = sum(1 for r in rows if r["error"])
+    print(f"\n{len(rows)} plugin(s), {broken} broken")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    factory = _registry(args).get(args.name)
+    print(f"# {factory.summary()}")
+    print("[[plugins]]")
+    print(f"plugin = {json.dumps(args.name)}")
+    print(f"# id = {json.dumps(args.name)}        # set when the plugin appears twice")
+    print("# enabled = true")
+    print("# weight = 1.0          # a number or { kind = \"linear_warmup\", ... }")
+    print('# include = ["*"]')
+    print("# exclude = []")
+    print('# on_unmatched = "error"')
+    for name, kind, default in option_table(factory):
+        print(f"{name} = {_toml_value(default)}    # {kind}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    config = load_config(args.file, registry=registry)
+    pipeline = Pipeline.from_config(config, registry=registry, disable=_disabled(args))
+    print(f"{args.file}: OK, {len(pipeline.plugins)} enabled plugin instance(s)")
+    for key, plugin in pipeline.plugins.items():
+        print(f"  {key}: {getattr(plugin, 'name', type(plugin).__name__)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="steadytrain", description="Plugins that keep neural-network training stable."
+    )
+    parser.add_argument("--version", action="version", version=f"steadytrain {__version__}")
+    parser.add_argument("-p", dest="plugin_flags", action="append", default=[],
+                        metavar="no:NAME", help="leave out a plugin or instance (repeatable)")
+    parser.add_argument("--no-autoload", action="store_true",
+                        help="read only the built-in plugins, not third-party entry points")
+    sub = parser.add_subparsers(dest="command", required=True)
+    plugins = sub.add_parser("plugins", help="list the discovered plugins")
+    plugins.add_argument("--json", action="store_true", help="print JSON")
+    plugins.set_defaults(func=cmd_plugins)
+    config = sub.add_parser("config", help="print a plugin's options with their defaults")
+    config.add_argument("name")
+    config.set_defaults(func=cmd_config)
+    check = sub.add_parser("check", help="validate a config file without training")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SteadytrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

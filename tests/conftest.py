@@ -1,0 +1,33 @@
+import pytest
+import structlog
+import torch
+
+import steadytrain
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs():
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+
+class L2Outputs(steadytrain.Plugin):
+    """Mean squared model output, a regularizer that is linear in the batch."""
+
+    name = "l2_outputs"
+
+    @steadytrain.hookimpl
+    def compute_regularizers(self, ctx):
+        return {"l2": ctx.outputs["pred"].pow(2).mean()}
+
+
+@pytest.fixture
+def l2_outputs():
+    return L2Outputs
