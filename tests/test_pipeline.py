@@ -264,7 +264,7 @@ def test_non_mapping_result_is_an_error(model):
 
     pipe = Pipeline([Listy()]).setup(model, None)
     pipe.before_step()
-    with pytest.raises(steadytrain.TermError, match="'listy'.*mapping"):
+    with pytest.raises(steadytrain.TermError, match=r"'listy'.*mapping"):
         pipe.compute_loss(torch.zeros(()))
 
 
@@ -492,7 +492,7 @@ def test_wrong_hook_signature_and_unknown_hook_are_errors():
         def before_stpe(self, ctx):
             pass
 
-    with pytest.raises(steadytrain.RegistryError, match="'w'.*invalid hook implementation"):
+    with pytest.raises(steadytrain.RegistryError, match=r"'w'.*invalid hook implementation"):
         Pipeline().register(WrongArg(), name="w")
     with pytest.raises(steadytrain.RegistryError, match="before_stpe"):
         Pipeline().register(Misspelled(), name="m")
