@@ -1,0 +1,245 @@
+"""EMA of weights: an exponential moving average of the parameters, swapped in for evaluation.
+
+What it does
+    Keeps a shadow copy ``θ̄`` of the selected parameters (and, optionally, floating-point
+    buffers) and after every optimizer step moves it towards the weights,
+    ``θ̄ ← decay·θ̄ + (1 − decay)·θ``, with one fused ``torch._foreach_lerp_`` over all
+    tensors. The first update copies the weights into the shadow. With ``warmup`` the
+    decay of the n-th averaging update is ``min(decay, (1 + n)/(10 + n))``, so early
+    weights are forgotten quickly. Inside ``pipe.evaluating()`` the model runs with the
+    averaged weights; training weights come back on exit and at ``teardown``.
+
+When to use it
+    When the loss oscillates from step to step but the trend is right: evaluating (and
+    shipping) the average of recent weights smooths the noise of the last updates. It
+    costs one extra copy of the selected weights and one read-modify-write pass per update.
+
+Hyperparameters
+    ``decay`` 0.999 (the memory-model document; an averaging horizon of about
+    1/(1 − decay) = 1000 updates), ``warmup`` true (the default of the
+    ``ExponentialMovingAverage`` the document uses), ``every`` 1, ``start_step`` 0,
+    ``buffers`` false, ``device`` ``"same"`` (or ``"cpu"`` to save accelerator memory),
+    ``swap`` ``"auto"``.
+
+    .. code-block:: toml
+
+        [[plugins]]
+        plugin = "ema"
+        decay = 0.999
+        include = ["encoder.*"]
+
+Source
+    Polyak & Juditsky (1992), "Acceleration of stochastic approximation by averaging";
+    the warmup is TensorFlow's ``ExponentialMovingAverage(num_updates=...)``. The
+    memory-model stability document (seed 000) prescribes EMA with decay 0.999.
+
+Caveats
+    Averaging starts at ``start_step``: the update at that step copies the weights, so the
+    shadow holds nothing of earlier weights. Before the first update, evaluation and
+    :meth:`EMA.averaged_state_dict` use the training weights. Skipped optimizer steps do
+    not update the average. The shadow has the dtype of its parameter: keep float32
+    master weights (as mixed-precision training does), since a bfloat16 shadow cannot
+    hold an update of ``(1 − decay)·Δ``. ``swap = "auto"`` exchanges tensor storage
+    (``param.data``) for evaluation, which moves no bytes but changes the parameters'
+    data pointers; use ``swap = "copy"`` for models captured in CUDA graphs. With
+    ``device = "cpu"`` each update copies the selected weights to the host (a
+    host-device sync on an accelerator) and the host keeps a second copy as staging.
+    Integer buffers are not averaged: evaluation uses the model's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+
+import steadytrain
+from steadytrain import validators
+
+
+def ema_decay(decay: float, num_updates: int, *, warmup: bool = True) -> float:
+    """The decay of the *num_updates*-th averaging update (counted from 1).
+
+    With *warmup*, ``min(decay, (1 + n)/(10 + n))``; otherwise *decay*.
+    """
+    if not warmup:
+        return decay
+    return min(decay, (1 + num_updates) / (10 + num_updates))
+
+
+@torch.no_grad()
+def ema_update_(
+    averaged: Sequence[torch.Tensor], current: Sequence[torch.Tensor], decay: float
+) -> None:
+    """Move every tensor of *averaged* towards *current*: ``a ← decay·a + (1 − decay)·c``.
+
+    One fused ``torch._foreach_lerp_`` over all tensors; pairs must match in shape, dtype
+    and device.
+    """
+    if averaged:
+        torch._foreach_lerp_(list(averaged), list(current), 1.0 - decay)
+
+
+class EMA(steadytrain.Plugin):
+    """Exponential moving average of the weights, swapped in for evaluation."""
+
+    name = "ema"
+
+    @attrs.frozen
+    class Config:
+        decay: float = attrs.field(default=0.999, validator=validators.in_range(0.0, 1.0))
+        warmup: bool = True
+        every: int = attrs.field(default=1, validator=validators.positive_int)
+        start_step: int = attrs.field(default=0, validator=validators.non_negative_int)
+        buffers: bool = False
+        device: str = attrs.field(default="same", validator=validators.one_of("same", "cpu"))
+        swap: str = attrs.field(default="auto", validator=validators.one_of("auto", "copy"))
+
+    @steadytrain.hookimpl
+    def setup(self, run: steadytrain.Run) -> None:
+        if run.model is None:
+            raise steadytrain.ConfigError(f"{self.key}: the ema plugin needs a model in setup()")
+        tensors = dict(run.model.named_parameters())
+        if self.config.buffers:
+            tensors.update(run.model.named_buffers())
+        kind = "parameter or buffer" if self.config.buffers else "parameter"
+        selected = self.filter.select(list(tensors), kind=kind)
+        if not selected:
+            raise steadytrain.FilterError(
+                f"{self.key}.include/exclude: the patterns select no {kind}; "
+                "nothing would be averaged"
+            )
+        # Integer buffers (BatchNorm's batch counter) cannot be averaged; the model's own
+        # are used in evaluation.
+        self.names = [n for n in selected if tensors[n].is_floating_point()]
+        self._targets = [tensors[n] for n in self.names]
+        self._model = run.model
+        on_cpu = self.config.device == "cpu"
+        with torch.no_grad():
+            self.shadow = [t.to("cpu", copy=True) if on_cpu else t.clone()
+                           for t in self._targets]
+        moves = on_cpu and any(t.device.type != "cpu" for t in self._targets)
+        self._staging = [torch.empty_like(t) for t in self.shadow] if moves else None
+        self._by_pointer = self.config.swap == "auto" and not moves
+        self._backup: list[torch.Tensor] | None = None
+        self.num_updates = 0
+        self._swapped = False
+
+    @steadytrain.hookimpl
+    def consolidate(self, ctx: steadytrain.StepContext) -> None:
+        start, every = self.config.start_step, self.config.every
+        if ctx.skipped or ctx.step < start or (ctx.step - start) % every:
+            return
+        self.update()
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Average the current weights into the shadow (what ``consolidate`` calls)."""
+        current = self._targets
+        if self._staging is not None:
+            torch._foreach_copy_(self._staging, current)
+            current = self._staging
+        if self.num_updates == 0:
+            torch._foreach_copy_(self.shadow, current)
+        else:
+            decay = ema_decay(self.config.decay, self.num_updates, warmup=self.config.warmup)
+            ema_update_(self.shadow, current, decay)
+        self.num_updates += 1
+
+    # -- evaluation -------------------------------------------------------------------
+
+    @steadytrain.hookimpl
+    @torch.no_grad()
+    def on_eval_start(self) -> None:
+        if self._swapped or self.num_updates == 0:
+            return
+        if self._by_pointer:
+            self._exchange_storage()
+        else:
+            # One scratch copy of the training weights; on the CPU-shadow path the
+            # staging buffer already is one.
+            backup = self._staging or [torch.empty_like(t) for t in self._targets]
+            torch._foreach_copy_(backup, self._targets)
+            torch._foreach_copy_(self._targets, self.shadow)
+            self._backup = backup
+        self._swapped = True
+
+    @steadytrain.hookimpl
+    def on_eval_end(self) -> None:
+        self._restore()
+
+    @steadytrain.hookimpl
+    def teardown(self) -> None:
+        self._restore()
+
+    @torch.no_grad()
+    def _restore(self) -> None:
+        if not self._swapped:
+            return
+        if self._by_pointer:
+            self._exchange_storage()
+        else:
+            torch._foreach_copy_(self._targets, self._backup)
+            self._backup = None
+        self._swapped = False
+
+    def _exchange_storage(self) -> None:
+        for index, target in enumerate(self._targets):
+            self.shadow[index], target.data = target.data, self.shadow[index]
+
+    # -- export and checkpoints -------------------------------------------------------
+
+    def _averages(self) -> list[torch.Tensor]:
+        """Where the averaged values live now: the shadow, or the model while swapped in."""
+        return self._targets if self._swapped else self.shadow
+
+    def _training(self) -> list[torch.Tensor]:
+        """Where the training weights live now: the model, or the shadow/backup while swapped."""
+        if not self._swapped:
+            return self._targets
+        return self.shadow if self._by_pointer else self._backup
+
+    def averaged_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's ``state_dict`` with the averaged values in place of the selected ones.
+
+        Loads into the model with ``model.load_state_dict``; the tensors are copies.
+        Before the first update it holds the training weights.
+        """
+        averaged = {}
+        if self.num_updates:
+            averaged = dict(zip(self.names, self._averages(), strict=True))
+        training = dict(zip(self.names, self._training(), strict=True))
+        state = self._model.state_dict()
+        return {
+            name: averaged.get(name, training.get(name, t)).detach().clone()
+            for name, t in state.items()
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "num_updates": self.num_updates,
+            "shadow": dict(zip(self.names, self._averages(), strict=True)),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        shadow = state.get("shadow", {})
+        if list(shadow) != self.names:
+            missing = sorted(set(self.names) - set(shadow))
+            extra = sorted(set(shadow) - set(self.names))
+            raise steadytrain.CheckpointError(
+                f"{self.key}: the checkpoint averages other tensors (missing: "
+                f"{', '.join(missing) or 'none'}; extra: {', '.join(extra) or 'none'}); "
+                "load it with the include/exclude/buffers it was saved with"
+            )
+        saved = list(shadow.values())
+        for name, mine, theirs in zip(self.names, self.shadow, saved, strict=True):
+            if mine.shape != theirs.shape:
+                raise steadytrain.CheckpointError(
+                    f"{self.key}: shadow of {name!r} has shape {tuple(theirs.shape)} in the "
+                    f"checkpoint but {tuple(mine.shape)} in the model"
+                )
+        torch._foreach_copy_(self._averages(), saved)
+        self.num_updates = int(state["num_updates"])

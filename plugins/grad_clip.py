@@ -1,0 +1,315 @@
+"""Gradient clipping per group: each group of parameters with its own norm threshold.
+
+What it does
+    Splits the selected parameters into groups by include/exclude patterns (the
+    parameters no group claims form the group ``default``) and, after the backward of each
+    optimizer step, scales the gradients of every group whose total norm exceeds its
+    ``max_norm`` down to that norm, as ``torch.nn.utils.clip_grad_norm_`` would do for the
+    group alone. All norms come from one fused ``torch._foreach_norm`` per norm type and
+    each group is scaled by one ``torch._foreach_mul_`` with a clamped coefficient tensor:
+    the host never waits for the device. Three modes:
+
+    ``norm``
+        The threshold is ``max_norm``.
+    ``adaptive``
+        The threshold tightens after a jump: it is ``min(max_norm, factor · m)``, where
+        ``m`` is a bias-corrected running mean (``beta``) of the group's norm after
+        clipping. A norm up to ``factor`` times its recent mean passes; a spike above it
+        is cut back to ``factor · m``. Feeding the clipped norm into the mean keeps a
+        spike from raising the threshold for the steps after it, while a slow rise of the
+        norm still moves the mean (by at most a factor ``1 + (1 − beta)(factor − 1)`` per
+        step). Until ``warmup`` steps have been seen only ``max_norm`` applies; non-finite
+        norms never enter the mean.
+    ``agc``
+        Unit-wise adaptive clipping: every output unit (row of a weight, or the whole of a
+        vector) keeps ``‖G‖ ≤ clipping · max(‖W‖, eps)``.
+
+    Each group records ``<group>/pre_norm`` and ``<group>/post_norm`` (and, in adaptive
+    mode, ``<group>/threshold``) as metrics.
+
+When to use it
+    When a part of the model needs a tighter cap than the rest: memory modules whose
+    gradients spike, embeddings, gates. ``adaptive`` when occasional gradient spikes
+    precede loss spikes but no fixed threshold fits the whole run; ``agc`` for
+    normalizer-free networks and large batches.
+
+Hyperparameters
+    Default group: ``max_norm`` 1.0, ``norm_type`` 2.0. The memory-model document
+    (seed 000) clips memory parameters at 0.5 and the rest at 1.0::
+
+        [[plugins]]
+        plugin = "grad_clip"
+        max_norm = 1.0
+        groups = [{name = "memory", include = ["*memory*"], max_norm = 0.5}]
+
+    ``adaptive``: ``factor`` 2.0, ``beta`` 0.99, ``warmup`` 10 steps. ``agc``: ``clipping``
+    0.01 (Brock et al.'s value for large batches; up to about 0.16 for small ones) and
+    ``eps`` 1e-3.
+
+Source
+    Pascanu et al. (2013), "On the difficulty of training recurrent neural networks";
+    Brock et al. (2021), "High-performance large-scale image recognition without
+    normalization" (AGC); the per-group thresholds from the memory-model document.
+
+Caveats
+    Every parameter belongs to exactly one group: patterns of two groups that match the
+    same parameter are a config error. Gradients of one instance must be on one device.
+    Non-finite gradients make the coefficient NaN, as with ``clip_grad_norm_``: put a
+    non-finite guard before the optimizer step. ``agc`` computes unit norms tensor by
+    tensor (no fused kernel reduces over a dimension), and its post-clip norm costs
+    one more fused pass over the gradients. Under gradient scaling (AMP), unscale
+    before ``after_backward``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+
+import steadytrain
+from steadytrain import validators
+
+MODES = ("norm", "adaptive", "agc")
+DEFAULT_GROUP = "default"
+
+
+def _total(norms: torch.Tensor, norm_type: float) -> torch.Tensor:
+    if math.isinf(norm_type):
+        return norms.max()
+    return torch.linalg.vector_norm(norms, norm_type)
+
+
+def grad_group_norms(
+    grad_groups: Sequence[Sequence[torch.Tensor]],
+    norm_types: float | Sequence[float] = 2.0,
+    *,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The total norm of each group of gradients, as one tensor of shape ``(groups,)``.
+
+    One ``torch._foreach_norm`` per distinct norm type covers every group; an empty group
+    has norm 0. *device* is where the result lives when no group has a gradient.
+    """
+    count = len(grad_groups)
+    types = [float(norm_types)] * count if isinstance(norm_types, (int, float)) else [
+        float(t) for t in norm_types
+    ]
+    first = next((g[0] for g in grad_groups if g), None)
+    device = first.device if first is not None else torch.device(device or "cpu")
+    totals: list[torch.Tensor | None] = [None] * count
+    for norm_type in dict.fromkeys(types):
+        members = [i for i in range(count) if types[i] == norm_type and grad_groups[i]]
+        flat = [g for i in members for g in grad_groups[i]]
+        if not flat:
+            continue
+        norms = torch.stack(torch._foreach_norm(flat, norm_type))
+        start = 0
+        for i in members:
+            stop = start + len(grad_groups[i])
+            totals[i] = _total(norms[start:stop], norm_type)
+            start = stop
+    zero = torch.zeros((), device=device)
+    return torch.stack([zero if t is None else t.float() for t in totals])
+
+
+def clip_coefficients(norms: torch.Tensor, max_norms: torch.Tensor) -> torch.Tensor:
+    """``min(1, max_norm / (norm + 1e-6))``, the factor ``clip_grad_norm_`` scales by."""
+    return (max_norms / (norms + 1e-6)).clamp(max=1.0)
+
+
+@torch.no_grad()
+def scale_grad_groups_(
+    grad_groups: Sequence[Sequence[torch.Tensor]], coefficients: torch.Tensor
+) -> None:
+    """Multiply the gradients of group ``i`` by ``coefficients[i]``, one fused call a group."""
+    for index, grads in enumerate(grad_groups):
+        if grads:
+            torch._foreach_mul_(list(grads), coefficients[index].to(grads[0].dtype))
+
+
+def _grads(parameters: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.grad for p in parameters if p.grad is not None]
+
+
+def clip_grad_groups_(
+    groups: Sequence[Iterable[torch.Tensor]],
+    max_norms: Sequence[float],
+    norm_types: float | Sequence[float] = 2.0,
+) -> torch.Tensor:
+    """Clip the gradients of each group of parameters to its own total norm.
+
+    Equivalent to ``torch.nn.utils.clip_grad_norm_(group, max_norm, norm_type)`` for each
+    group in turn, with fused kernels and no host sync. Returns the pre-clip norms.
+    """
+    grad_groups = [_grads(g) for g in groups]
+    norms = grad_group_norms(grad_groups, norm_types)
+    limits = torch.tensor(list(max_norms), dtype=norms.dtype).to(norms.device)
+    scale_grad_groups_(grad_groups, clip_coefficients(norms, limits))
+    return norms
+
+
+def _unit_norm(x: torch.Tensor) -> torch.Tensor:
+    if x.ndim <= 1:
+        return torch.linalg.vector_norm(x)
+    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+@torch.no_grad()
+def unitwise_clip_grad_(
+    parameters: Iterable[torch.Tensor], clipping: float = 0.01, eps: float = 1e-3
+) -> None:
+    """Adaptive gradient clipping (AGC) of Brock et al. (2021), unit by unit.
+
+    Each output unit's gradient ``G`` (a row of a weight along dimension 0, or the whole
+    of a 0- or 1-dimensional tensor) is scaled to keep
+    ``‖G‖ ≤ clipping · max(‖W‖, eps)``.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return
+    grads = [p.grad for p in params]
+    factors = []
+    for param, grad in zip(params, grads, strict=True):
+        limit = _unit_norm(param).clamp_(min=eps).mul_(clipping)
+        factors.append((limit / _unit_norm(grad).clamp_(min=1e-6)).clamp_(max=1.0))
+    torch._foreach_mul_(grads, factors)
+
+
+@attrs.frozen
+class ClipGroup:
+    """One group of parameters with its own threshold."""
+
+    name: str
+    include: tuple[str, ...]
+    exclude: tuple[str, ...] = ()
+    max_norm: float = attrs.field(default=1.0, validator=validators.positive)
+    norm_type: float = attrs.field(default=2.0, validator=validators.positive)
+    clipping: float = attrs.field(default=0.01, validator=validators.positive)
+
+
+def _check_groups(_inst: Any, _attr: attrs.Attribute, groups: tuple[ClipGroup, ...]) -> None:
+    seen: set[str] = set()
+    for index, group in enumerate(groups):
+        if group.name == DEFAULT_GROUP or group.name in seen:
+            why = "is reserved for the rest" if group.name == DEFAULT_GROUP else "is used twice"
+            raise steadytrain.OptionError(
+                f"groups[{index}].name", f"{group.name!r} {why}; give each group its own name"
+            )
+        if not group.include:
+            raise steadytrain.OptionError(
+                f"groups[{index}].include", "must list at least one pattern"
+            )
+        seen.add(group.name)
+
+
+class GradClip(steadytrain.Plugin):
+    """Clip gradients per group of parameters, each group with its own norm threshold."""
+
+    name = "grad_clip"
+
+    @attrs.frozen
+    class Config:
+        max_norm: float = attrs.field(default=1.0, validator=validators.positive)
+        norm_type: float = attrs.field(default=2.0, validator=validators.positive)
+        clipping: float = attrs.field(default=0.01, validator=validators.positive)
+        groups: tuple[ClipGroup, ...] = attrs.field(
+            default=(), converter=tuple, validator=_check_groups
+        )
+        mode: str = attrs.field(default="norm", validator=validators.one_of(*MODES))
+        factor: float = attrs.field(
+            default=2.0, validator=validators.in_range(1.0, math.inf, include_low=True)
+        )
+        beta: float = attrs.field(default=0.99, validator=validators.in_range(0.0, 1.0))
+        warmup: int = attrs.field(default=10, validator=validators.non_negative_int)
+        eps: float = attrs.field(default=1e-3, validator=validators.positive)
+
+    @steadytrain.hookimpl
+    def setup(self, run: steadytrain.Run) -> None:
+        named = dict(run.named_parameters())
+        selected = self.filter.select(list(named), kind="parameter")
+        config = self.config
+        owner: dict[str, str] = {}
+        members: dict[str, list[str]] = {}
+        for group in config.groups:
+            group_filter = steadytrain.VariableFilter(
+                include=group.include, exclude=group.exclude,
+                owner=f"{self.key}.groups.{group.name}",
+                on_unmatched=self.filter.on_unmatched,
+            )
+            for name in group_filter.select(selected, kind="parameter"):
+                if name in owner:
+                    raise steadytrain.ConfigError(
+                        f"{self.key}.groups: parameter {name!r} is in both group "
+                        f"{owner[name]!r} and group {group.name!r}; a parameter's gradient "
+                        "belongs to one group: narrow the include patterns or add an exclude"
+                    )
+                owner[name] = group.name
+            members[group.name] = [n for n in selected if owner.get(n) == group.name]
+        members[DEFAULT_GROUP] = [n for n in selected if n not in owner]
+        specs = [*config.groups, ClipGroup(
+            DEFAULT_GROUP, ("*",), max_norm=config.max_norm, norm_type=config.norm_type,
+            clipping=config.clipping,
+        )]
+        self.groups = [g for g in specs if members[g.name]]
+        self.params = [[named[n] for n in members[g.name]] for g in self.groups]
+        device = next((p[0].device for p in self.params), torch.device("cpu"))
+        self._device = device
+        self._max_norms = torch.tensor([g.max_norm for g in self.groups], device=device)
+        self._norm_types = [g.norm_type for g in self.groups]
+        self.mean = torch.zeros(len(self.groups), device=device)
+        self.seen = 0
+
+    @steadytrain.hookimpl
+    def after_backward(self, ctx: steadytrain.StepContext) -> None:
+        grads = [_grads(params) for params in self.params]
+        norms = grad_group_norms(grads, self._norm_types, device=self._device)
+        if self.config.mode == "agc":
+            for group, params in zip(self.groups, self.params, strict=True):
+                unitwise_clip_grad_(params, group.clipping, self.config.eps)
+            after = grad_group_norms(grads, self._norm_types, device=self._device)
+        else:
+            limits = self._max_norms
+            if self.config.mode == "adaptive":
+                limits = self._adaptive_limits(norms)
+            coefficients = clip_coefficients(norms, limits)
+            scale_grad_groups_(grads, coefficients)
+            after = norms * coefficients
+        for index, group in enumerate(self.groups):
+            ctx.log(f"{group.name}/pre_norm", norms[index])
+            ctx.log(f"{group.name}/post_norm", after[index])
+            if self.config.mode == "adaptive":
+                ctx.log(f"{group.name}/threshold", limits[index])
+
+    def _adaptive_limits(self, norms: torch.Tensor) -> torch.Tensor:
+        config = self.config
+        limits = self._max_norms
+        if self.seen >= max(config.warmup, 1):
+            mean = self.mean / (1.0 - config.beta**self.seen)
+            limits = torch.minimum(limits, config.factor * mean)
+        clipped = torch.minimum(norms, limits)
+        updated = torch.lerp(self.mean, clipped, 1.0 - config.beta)
+        self.mean = torch.where(torch.isfinite(clipped), updated, self.mean)
+        self.seen += 1
+        return limits
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.config.mode != "adaptive":
+            return {}
+        return {"mean": self.mean, "seen": self.seen, "groups": [g.name for g in self.groups]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.config.mode != "adaptive":
+            super().load_state_dict(state)
+            return
+        names = [g.name for g in self.groups]
+        if list(state.get("groups", ())) != names:
+            raise steadytrain.CheckpointError(
+                f"{self.key}: the checkpoint has groups {list(state.get('groups', ()))} but "
+                f"this run has {names}; load it with the groups it was saved with"
+            )
+        self.mean = state["mean"].to(self._device, torch.float32, copy=True)
+        self.seen = int(state["seen"])
