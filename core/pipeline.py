@@ -48,6 +48,7 @@ from .errors import (
 )
 from .hookspecs import HOOK_NAMES
 from .registry import Registry, hook_manager
+from .schedules import Constant
 
 DISABLE_ENV = "STEADYTRAIN_DISABLE"
 CHECKPOINT_FORMAT = 1
@@ -80,7 +81,6 @@ class Pipeline:
         self._instances: dict[str, object] = {}
         self._ctx: StepContext | None = None
         self._outcome: StepOutcome | None = None
-        self._weights: dict[str, float] = {}
         self._pending_state: Mapping[str, Any] | None = None
         self._is_setup = False
         self._closed = False
@@ -177,6 +177,9 @@ class Pipeline:
                 (impl.plugin_name, impl.function, bool(impl.argnames)) for impl in reversed(impls)
             )
         self._dispatch = dispatch
+        weights = {k: getattr(p, "weight", Constant(1.0)) for k, p in self._instances.items()}
+        self._weights = {k: w.value for k, w in weights.items() if isinstance(w, Constant)}
+        self._schedules = [(k, w) for k, w in weights.items() if not isinstance(w, Constant)]
 
     @property
     def plugins(self) -> Mapping[str, object]:
@@ -347,11 +350,8 @@ class Pipeline:
             run = self.run
             progress = run.progress
             ctx = StepContext(run, run.step, run.epoch, progress, num_micro_batches)
-            self._weights = {
-                key: plugin.weight(run.step, progress)
-                for key, plugin in self._instances.items()
-                if hasattr(plugin, "weight")
-            }
+            for key, schedule in self._schedules:
+                self._weights[key] = schedule(run.step, progress)
             self._ctx = ctx
         elif ctx is None or ctx.micro_batch != micro_batch - 1 or (
             ctx.num_micro_batches != num_micro_batches
@@ -393,7 +393,7 @@ class Pipeline:
                     f"plugin instance {key!r}: compute_regularizers must return a mapping of "
                     f"term names to tensors, got {type(terms).__name__}"
                 )
-            weight = self._weights.get(key, 1.0)
+            weight = self._weights[key]
             for term, value in terms.items():
                 self._check_term(key, term, value, step)
                 weighted = value * weight
