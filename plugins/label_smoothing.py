@@ -1,0 +1,172 @@
+"""Label smoothing as a regularizer term on top of the host's plain cross-entropy.
+
+What it does
+    Label-smoothed cross-entropy mixes the one-hot target with the uniform distribution
+    over the C classes: ``CE_ε = (1 − ε)·CE + ε·mean_k(−log p_k)``. Hence
+    ``CE_ε = CE + ε·(mean_k(−log p_k) − CE)``, and this plugin returns the second part,
+    averaged over the tokens whose target is not ``ignore_index``. Added with weight 1 to
+    ``F.cross_entropy(logits, targets, ignore_index=i)`` (mean reduction), it gives exactly
+    ``F.cross_entropy(logits, targets, ignore_index=i, label_smoothing=ε)``, so a host
+    switches label smoothing on from the config without touching its loss.
+
+When to use it
+    Over-confident logits make the loss of a language model spike on rare tokens; a little
+    smoothing (ε = 0.1) bounds the target logit margin and steadies the loss.
+
+Hyperparameters
+    ``smoothing`` ε (default 0.1, the source's value). Keep the instance's ``weight`` at
+    1 (the default): the term is linear in ε, so the effective smoothing is
+    ``weight · smoothing`` — a weight schedule is a smoothing schedule, and any other
+    constant weight smooths by a different ε than configured. ``ignore_index`` (default
+    -100, as in ``F.cross_entropy``). ``logits_key`` (default ``"logits"``) names the
+    output that holds the logits; ``targets_key`` (default: none) names the entry of the
+    host's ``targets`` mapping that holds the class indices — without it the targets are
+    the tensor the host passed to ``before_step(targets=...)``. ``class_dim`` (default -1,
+    the layout of language-model logits ``(batch, seq, C)``; set 1 for the
+    ``(batch, C, ...)`` layout that ``F.cross_entropy`` takes).
+
+Source
+    The memory-model stability document (seed 000), section 5 "Loss Function
+    Modifications" (``smoothing=0.1``); Szegedy et al. 2016, "Rethinking the Inception
+    Architecture for Computer Vision".
+
+Caveats
+    The equality holds for the mean-reduced cross-entropy without class weights. The
+    source builds the smoothed target by scattering into ``targets`` (which fails on
+    ``ignore_index`` entries) and uses the KL divergence, which differs from ``CE_ε`` by
+    the constant entropy of the smoothed target: same gradients, a shifted loss value.
+    The logits and targets are used as given: shift them for next-token prediction
+    before passing them. A batch in which every target is ignored gives a term of 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import torch
+
+import steadytrain
+from steadytrain.plugins._sources import at_least_float32, reject_filter
+from steadytrain.validators import in_range, optional
+
+
+def _str(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise steadytrain.OptionError(attr.name, f"must be a non-empty string, got {value!r}")
+
+
+def label_smoothing_term(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    smoothing: float = 0.1,
+    ignore_index: int = -100,
+    class_dim: int = -1,
+) -> torch.Tensor:
+    """``ε·(mean_k(−log p_k) − CE)`` averaged over the targets that are not *ignore_index*.
+
+    ``F.cross_entropy(x, y, ignore_index=i) + label_smoothing_term(x, y, ε, i, class_dim)``
+    equals ``F.cross_entropy(x, y, ignore_index=i, label_smoothing=ε)`` with the class
+    dimension of *logits* at *class_dim*.
+    """
+    if logits.dim() < 1 or not -logits.dim() <= class_dim < logits.dim():
+        raise ValueError(
+            f"class_dim {class_dim} is out of range for logits of shape {tuple(logits.shape)}"
+        )
+    logits = logits.movedim(class_dim, -1)
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(
+            f"targets must be class indices (an integer tensor), got {targets.dtype}; "
+            "class-probability targets are not supported"
+        )
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"targets of shape {tuple(targets.shape)} do not fit logits of shape "
+            f"{tuple(logits.shape)} with the classes in dimension {class_dim} (after moving "
+            f"the classes last, the targets must have shape {tuple(logits.shape[:-1])}); "
+            "set class_dim to where the classes are"
+        )
+    log_probs = torch.log_softmax(at_least_float32(logits), dim=-1)
+    valid = targets != ignore_index
+    picked = log_probs.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    # −mean_k log p_k − (−log p_y), zero where the target is ignored
+    per_target = torch.where(valid, picked - log_probs.mean(-1), 0.0)
+    return smoothing * per_target.sum() / valid.sum().clamp_min(1)
+
+
+class LabelSmoothing(steadytrain.Plugin):
+    """The term that turns the host's cross-entropy into label-smoothed cross-entropy."""
+
+    name = "label_smoothing"
+
+    @attrs.frozen
+    class Config:
+        smoothing: float = attrs.field(
+            default=0.1, validator=in_range(0.0, 1.0, include_low=True, include_high=True)
+        )
+        ignore_index: int = -100
+        logits_key: str = attrs.field(default="logits", validator=_str)
+        targets_key: str | None = attrs.field(default=None, validator=optional(_str))
+        class_dim: int = -1
+
+    @steadytrain.hookimpl
+    def setup(self, run: steadytrain.Run) -> None:
+        reject_filter(self, "label smoothing acts on the logits and targets as a whole")
+
+    @steadytrain.hookimpl
+    def compute_regularizers(self, ctx: steadytrain.StepContext) -> dict[str, torch.Tensor]:
+        config = self.config
+        logits = self._logits(ctx)
+        targets = self._targets(ctx)
+        try:
+            term = label_smoothing_term(
+                logits, targets, config.smoothing, config.ignore_index, config.class_dim
+            )
+        except ValueError as exc:
+            raise ValueError(f"{self.key}: {exc}") from None
+        return {"smoothing": term}
+
+    def _logits(self, ctx: steadytrain.StepContext) -> torch.Tensor:
+        key = self.config.logits_key
+        if key not in ctx.outputs:
+            present = ", ".join(sorted(ctx.outputs)) or "(none)"
+            raise ValueError(
+                f"{self.key}.logits_key: no output {key!r} in this step; the outputs are: "
+                f"{present}. Pass compute_loss(..., outputs={{{key!r}: logits}}) or set "
+                "logits_key."
+            )
+        logits = ctx.outputs[key]
+        if not isinstance(logits, torch.Tensor):
+            raise ValueError(
+                f"{self.key}.logits_key: outputs[{key!r}] is a {type(logits).__name__}, "
+                "not a tensor"
+            )
+        return logits
+
+    def _targets(self, ctx: steadytrain.StepContext) -> torch.Tensor:
+        key, targets = self.config.targets_key, ctx.targets
+        if key is None:
+            if isinstance(targets, Mapping):
+                raise ValueError(
+                    f"{self.key}.targets_key: the targets are a mapping with keys "
+                    f"{', '.join(map(str, targets))}; set targets_key to the one that holds "
+                    "the class indices"
+                )
+            where = "targets"
+        else:
+            if not isinstance(targets, Mapping) or key not in targets:
+                present = (", ".join(map(str, targets)) if isinstance(targets, Mapping)
+                           else f"not a mapping but a {type(targets).__name__}")
+                raise ValueError(
+                    f"{self.key}.targets_key: no entry {key!r} in the step's targets "
+                    f"({present}); pass before_step(targets={{{key!r}: labels}}) or fix "
+                    "targets_key"
+                )
+            targets, where = targets[key], f"targets[{key!r}]"
+        if not isinstance(targets, torch.Tensor):
+            raise ValueError(
+                f"{self.key}.targets_key: the step's {where} is a {type(targets).__name__}, "
+                "not a tensor of class indices; pass before_step(targets=...)"
+            )
+        return targets
