@@ -1,0 +1,304 @@
+import io
+import tomllib
+
+import pytest
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import steadytrain
+from steadytrain.plugins.ema import EMA, ema_decay, ema_update_
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 2)
+    )
+
+
+class SkipAt(steadytrain.Plugin):
+    """Asks the host to skip the optimizer step at the given steps."""
+
+    name = "skip_at"
+
+    def __init__(self, steps, **kwargs):
+        super().__init__(**kwargs)
+        self.steps = set(steps)
+
+    @steadytrain.hookimpl
+    def after_backward(self, ctx):
+        if ctx.step in self.steps:
+            ctx.request_skip("test", when=torch.tensor(True))
+
+
+def train(pipe, model, steps, *, on_step=None, opt=None, seed=1):
+    """A plain host loop; returns the optimizer so a run can be continued."""
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if not pipe._is_setup:
+        pipe.setup(model, opt, total_steps=100)
+    for _ in range(steps):
+        # The batch depends on the step alone, so a resumed run sees the same data.
+        gen = torch.Generator().manual_seed(1000 * seed + pipe.run.step)
+        x = torch.randn(16, 4, generator=gen)
+        pipe.before_step()
+        loss = pipe.compute_loss(model(x).pow(2).mean())
+        loss.backward()
+        if not pipe.after_backward().skip:
+            opt.step()
+        pipe.consolidate()
+        opt.zero_grad()
+        if on_step is not None:
+            on_step(pipe.run.step - 1)
+    return opt
+
+
+def reference_run(config, steps, update_steps, multi_avg_fn=None, buffers=False):
+    """AveragedModel updated after the given optimizer steps of the same trajectory."""
+    model = make_model()
+    decay = config.decay
+    averaged = AveragedModel(
+        model, multi_avg_fn=multi_avg_fn or get_ema_multi_avg_fn(decay), use_buffers=buffers
+    )
+    pipe = steadytrain.Pipeline([SkipAt(())])
+
+    def on_step(step):
+        if step in update_steps:
+            averaged.update_parameters(model)
+
+    train(pipe, model, steps, on_step=on_step)
+    return averaged
+
+
+def ema_run(config, steps, skip=(), **kwargs):
+    model = make_model()
+    plugin = EMA(config, **kwargs)
+    pipe = steadytrain.Pipeline([SkipAt(skip), plugin])
+    train(pipe, model, steps)
+    return model, plugin, pipe
+
+
+def assert_matches(plugin, averaged):
+    exported = plugin.averaged_state_dict()
+    for name, tensor in averaged.module.named_parameters():
+        torch.testing.assert_close(exported[name], tensor, rtol=1e-6, atol=1e-7)
+
+
+def test_ema_update_is_the_exponential_average():
+    torch.manual_seed(0)
+    averaged = [torch.randn(3, 4), torch.randn(5)]
+    current = [torch.randn(3, 4), torch.randn(5)]
+    expected = [0.9 * a + 0.1 * c for a, c in zip(averaged, current, strict=True)]
+    ema_update_(averaged, current, 0.9)
+    for got, want in zip(averaged, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_warmup_decay_follows_the_formula():
+    assert ema_decay(0.999, 1) == pytest.approx(2 / 11)
+    assert ema_decay(0.999, 50) == pytest.approx(51 / 60)
+    assert ema_decay(0.9, 1000) == 0.9
+    assert ema_decay(0.999, 1, warmup=False) == 0.999
+
+
+def test_matches_averaged_model_with_ema_fn():
+    config = EMA.Config(decay=0.9, warmup=False)
+    _, plugin, _ = ema_run(config, 12)
+    assert_matches(plugin, reference_run(config, 12, range(12)))
+    assert plugin.num_updates == 12
+
+
+def test_warmup_matches_averaged_model_counting_updates():
+    config = EMA.Config(decay=0.95, warmup=True)
+
+    def warmup_fn(averaged, current, num_averaged):
+        # AveragedModel copies on its first call, so num_averaged counts from 1 here,
+        # as the plugin's n does for its first averaging update.
+        decay = min(0.95, (1 + num_averaged) / (10 + num_averaged))
+        torch._foreach_lerp_(averaged, current, 1 - decay)
+
+    _, plugin, _ = ema_run(config, 40)
+    assert_matches(plugin, reference_run(config, 40, range(40), warmup_fn))
+
+
+def test_every_and_start_step_select_the_update_steps():
+    config = EMA.Config(decay=0.8, warmup=False, every=3, start_step=4)
+    _, plugin, _ = ema_run(config, 14)
+    assert_matches(plugin, reference_run(config, 14, {4, 7, 10, 13}))
+    assert plugin.num_updates == 4
+
+
+def test_skipped_steps_do_not_update_the_average():
+    config = EMA.Config(decay=0.8, warmup=False)
+    _, plugin, _ = ema_run(config, 8, skip={2, 5})
+    averaged = AveragedModel(make_model(), multi_avg_fn=get_ema_multi_avg_fn(0.8))
+    model = make_model()
+
+    def on_step(step):
+        if step not in {2, 5}:
+            averaged.update_parameters(model)
+
+    train(steadytrain.Pipeline([SkipAt({2, 5})]), model, 8, on_step=on_step)
+    assert plugin.num_updates == 6
+    assert_matches(plugin, averaged)
+
+
+def test_buffers_are_averaged_and_integer_buffers_left_alone():
+    config = EMA.Config(decay=0.8, warmup=False, buffers=True)
+    _, plugin, _ = ema_run(config, 6)
+    reference = reference_run(config, 6, range(6), buffers=True)
+    exported = plugin.averaged_state_dict()
+    assert "1.num_batches_tracked" not in plugin.names
+    torch.testing.assert_close(exported["1.running_mean"], reference.module[1].running_mean)
+    torch.testing.assert_close(exported["1.running_var"], reference.module[1].running_var)
+
+
+def test_include_selects_parameters():
+    config = EMA.Config(decay=0.8, warmup=False)
+    model, plugin, _ = ema_run(config, 5, include=["0.*"], exclude=["*.bias"])
+    assert plugin.names == ["0.weight"]
+    exported = plugin.averaged_state_dict()
+    # Unselected entries are the training weights.
+    assert torch.equal(exported["3.weight"], model[3].weight)
+    assert not torch.equal(exported["0.weight"], model[0].weight)
+
+
+@pytest.mark.parametrize("swap", ["auto", "copy"])
+def test_evaluation_swaps_averages_in_and_training_weights_back(swap):
+    model, plugin, pipe = ema_run(EMA.Config(decay=0.8, swap=swap), 5)
+    training = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pointers = [p.data_ptr() for p in model.parameters()]
+    averaged = plugin.averaged_state_dict()
+    with pipe.evaluating():
+        for name, param in model.named_parameters():
+            assert torch.equal(param, averaged[name])
+        assert torch.equal(plugin.averaged_state_dict()["0.weight"], averaged["0.weight"])
+        if swap == "copy":
+            assert [p.data_ptr() for p in model.parameters()] == pointers
+    for name, param in model.named_parameters():
+        assert torch.equal(param, training[name])
+    assert [p.data_ptr() for p in model.parameters()] == pointers
+    # Training goes on from the training weights, and the average with it.
+    train(pipe, model, 2)
+    assert plugin.num_updates == 7
+
+
+def test_evaluation_before_the_first_update_uses_training_weights():
+    model = make_model()
+    plugin = EMA(EMA.Config(start_step=10))
+    pipe = steadytrain.Pipeline([plugin])
+    train(pipe, model, 3)
+    training = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pipe.evaluating():
+        for name, param in model.named_parameters():
+            assert torch.equal(param, training[name])
+
+
+def test_teardown_leaves_training_weights_in_the_model():
+    model, _, pipe = ema_run(EMA.Config(decay=0.8), 4)
+    training = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pipe.evaluating():
+        assert not torch.equal(model[0].weight, training["0.weight"])
+        pipe.close()
+        for name, param in model.named_parameters():
+            assert torch.equal(param, training[name])
+
+
+def test_averaged_state_dict_loads_into_the_model():
+    _, plugin, _ = ema_run(EMA.Config(decay=0.8), 4)
+    fresh = make_model()
+    fresh.load_state_dict(plugin.averaged_state_dict())
+    with torch.no_grad():
+        for (name, param), average in zip(fresh.named_parameters(), plugin.shadow, strict=True):
+            assert name in plugin.names
+            assert torch.equal(param, average)
+
+
+def test_shadow_on_cpu_option():
+    _, plugin, _ = ema_run(EMA.Config(decay=0.8, warmup=False, device="cpu"), 6)
+    assert all(t.device.type == "cpu" for t in plugin.shadow)
+    assert_matches(plugin, reference_run(EMA.Config(decay=0.8), 6, range(6)))
+
+
+def test_resume_is_bit_exact():
+    config = EMA.Config(decay=0.9)
+    _, plugin, _ = ema_run(config, 12)
+
+    first = make_model()
+    pipe = steadytrain.Pipeline([SkipAt(()), EMA(config)])
+    opt = train(pipe, first, 6)
+    buffer = io.BytesIO()
+    torch.save({"pipe": pipe.state_dict(), "model": first.state_dict(),
+                "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    resumed_model = make_model()
+    resumed_model.load_state_dict(saved["model"])
+    resumed = steadytrain.Pipeline([SkipAt(()), EMA(config)])
+    resumed.load_state_dict(saved["pipe"])
+    resumed_opt = torch.optim.SGD(resumed_model.parameters(), lr=0.1, momentum=0.9)
+    resumed_opt.load_state_dict(saved["opt"])
+    resumed.setup(resumed_model, resumed_opt, total_steps=100)
+    train(resumed, resumed_model, 6, opt=resumed_opt)
+
+    ours = resumed.plugins["ema"]
+    assert ours.num_updates == plugin.num_updates == 12
+    for got, want in zip(ours.shadow, plugin.shadow, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_checkpoint_with_other_tensors_is_refused():
+    _, plugin, _ = ema_run(EMA.Config(), 2, include=["0.*"])
+    other = EMA(EMA.Config(), include=["3.*"])
+    steadytrain.Pipeline([other]).setup(make_model())
+    with pytest.raises(steadytrain.CheckpointError, match=r"ema: the checkpoint averages other"):
+        other.load_state_dict(plugin.state_dict())
+
+
+def test_configured_from_toml():
+    text = """
+    [[plugins]]
+    plugin = "ema"
+    id = "ema_enc"
+    decay = 0.99
+    every = 2
+    include = ["0.*"]
+    """
+    config = steadytrain.load_config(tomllib.loads(text))
+    assert config.plugins[0].options == EMA.Config(decay=0.99, every=2)
+    pipe = steadytrain.Pipeline.from_config(tomllib.loads(text))
+    train(pipe, make_model(), 4)
+    assert pipe.plugins["ema_enc"].num_updates == 2
+    assert pipe.plugins["ema_enc"].names == ["0.weight", "0.bias"]
+
+
+def test_listed_by_the_registry():
+    assert steadytrain.Registry.discover().get("ema") is EMA
+
+
+@pytest.mark.parametrize("decay", [1.5, 0.0, 1.0])
+def test_decay_outside_the_open_unit_interval_is_an_error(decay):
+    with pytest.raises(steadytrain.ConfigError, match=r"plugins\[0\]\.decay: must be in \(0"):
+        steadytrain.load_config({"plugins": [{"plugin": "ema", "decay": decay}]})
+
+
+def test_bad_device_option_is_an_error():
+    with pytest.raises(steadytrain.ConfigError, match=r"plugins\[0\]\.device: must be one of"):
+        steadytrain.load_config({"plugins": [{"plugin": "ema", "device": "gpu"}]})
+
+
+def test_pattern_matching_nothing_is_an_error():
+    pipe = steadytrain.Pipeline([EMA(EMA.Config(), id="avg", include=["encoder.*"])])
+    with pytest.raises(steadytrain.FilterError, match=r"avg\.include: pattern 'encoder\.\*'"):
+        pipe.setup(make_model())
+
+
+def test_selecting_nothing_is_an_error():
+    pipe = steadytrain.Pipeline([EMA(EMA.Config(), include=["0.*"], exclude=["0.*"])])
+    with pytest.raises(steadytrain.FilterError, match=r"ema\.include/exclude: .*select no"):
+        pipe.setup(make_model())
+
+
+def test_missing_model_is_an_error():
+    with pytest.raises(steadytrain.ConfigError, match="ema: the ema plugin needs a model"):
+        steadytrain.Pipeline([EMA()]).setup(None)
