@@ -135,7 +135,7 @@ def test_in_process_registration():
     assert registry.entry("notebook").origin == "registered in-process"
     with pytest.raises(RegistryError, match="taken by entry point grad_norm"):
         registry.register(Notebook, name="grad_norm")
-    with pytest.raises(RegistryError, match="cannot register 'x'.*Plugin subclass"):
+    with pytest.raises(RegistryError, match=r"cannot register 'x'.*Plugin subclass"):
         registry.register(object, name="x")
     with pytest.raises(RegistryError, match=r"unknown plugin 'notebok' \(did you mean 'notebook'"):
         registry.get("notebok")
