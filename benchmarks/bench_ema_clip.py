@@ -1,0 +1,254 @@
+"""Speed of the ema and grad_clip plugins against torch's own foreach code and peers.
+
+Times, per update, for models of 10M to 1B float32 parameters shaped like a transformer
+(four h×h and two h×4h matrices a layer, plus biases and norms):
+
+* EMA: the ``ema`` plugin's update, a bare ``torch._foreach_lerp_`` (the loop-free
+  baseline), ``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn``,
+  ``torch_ema.ExponentialMovingAverage`` and timm's ``ModelEmaV3`` (each where
+  importable). Achieved bandwidth counts the fewest bytes an update must move: read the
+  shadow and the weights, write the shadow (12 bytes a parameter).
+* Clipping: the ``grad_clip`` plugin's ``after_backward`` (two groups, metrics included)
+  and the plain ``clip_grad_groups_``, against one ``clip_grad_norm_(foreach=True)``
+  over all parameters.
+
+Run: ``python benchmarks/bench_ema_clip.py --sizes 10 100 [--device cuda] [--json out.json]``.
+On CUDA the script also measures a device-to-device copy (the practical bandwidth
+ceiling) and checks the CPU-shadow and evaluation-swap paths against the same-device one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import steadytrain
+from steadytrain.plugins.ema import EMA
+from steadytrain.plugins.grad_clip import ClipGroup, GradClip, clip_grad_groups_
+
+WIDTHS = {10: 256, 100: 768, 1000: 2048}
+
+
+class Layer(torch.nn.Module):
+    def __init__(self, h: int) -> None:
+        super().__init__()
+        self.attn = torch.nn.ModuleList(torch.nn.Linear(h, h) for _ in range(4))
+        self.memory = torch.nn.Linear(h, 4 * h)
+        self.out = torch.nn.Linear(4 * h, h)
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(h) for _ in range(2))
+
+
+def make_model(millions: int, device: str) -> torch.nn.Module:
+    h = WIDTHS.get(millions) or max(64, int((millions * 1e6 / 12 / 16) ** 0.5))
+    layers = max(1, round(millions * 1e6 / (12 * h * h)))
+    with torch.device(device):
+        model = torch.nn.Sequential(*(Layer(h) for _ in range(layers)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    return model
+
+
+def timed(fn: Callable[[], object], device: str, repeat: int, warmup: int = 3) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device == "cuda":
+        for _ in range(repeat):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def load_timm_ema() -> type | None:
+    """timm's ModelEmaV3; its module file alone when ``import timm`` fails (no torchvision)."""
+    try:
+        from timm.utils.model_ema import ModelEmaV3
+        return ModelEmaV3
+    except Exception:
+        spec = importlib.util.find_spec("timm")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = Path(spec.submodule_search_locations[0]) / "utils" / "model_ema.py"
+        module_spec = importlib.util.spec_from_file_location("_timm_model_ema", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module.ModelEmaV3
+
+
+def bench_ema(model: torch.nn.Module, device: str, repeat: int) -> dict[str, float]:
+    params = list(model.parameters())
+    results: dict[str, float] = {}
+    plugin = EMA(EMA.Config(decay=0.999, warmup=False))
+    pipe = steadytrain.Pipeline([plugin]).setup(model)
+    plugin.update()  # the first update copies; time the averaging ones
+    results["steadytrain ema"] = timed(plugin.update, device, repeat)
+    pipe.close()
+
+    shadow = [p.detach().clone() for p in params]
+    results["torch._foreach_lerp_"] = timed(
+        lambda: torch._foreach_lerp_(shadow, params, 0.001), device, repeat
+    )
+
+    averaged = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999)
+    )
+    averaged.update_parameters(model)
+    results["AveragedModel(get_ema_multi_avg_fn)"] = timed(
+        lambda: averaged.update_parameters(model), device, repeat
+    )
+
+    try:
+        from torch_ema import ExponentialMovingAverage
+    except ImportError:
+        results["torch_ema"] = float("nan")
+    else:
+        ema = ExponentialMovingAverage(params, decay=0.999, use_num_updates=False)
+        results["torch_ema"] = timed(ema.update, device, repeat)
+
+    timm_ema = load_timm_ema()
+    if timm_ema is None:
+        results["timm ModelEmaV3"] = float("nan")
+    else:
+        ema = timm_ema(model, decay=0.999, exclude_buffers=True)
+        results["timm ModelEmaV3"] = timed(lambda: ema.update(model), device, repeat)
+    return results
+
+
+def bench_clip(model: torch.nn.Module, device: str, repeat: int) -> dict[str, float]:
+    params = list(model.parameters())
+    gen = torch.Generator(device=device).manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, device=device, generator=gen)
+    # A threshold no norm reaches: every variant still scales every gradient (by 1), and
+    # repeated runs do not shrink the gradients towards denormals.
+    limit = 1e30
+    results = {"clip_grad_norm_(foreach=True)": timed(
+        lambda: torch.nn.utils.clip_grad_norm_(params, limit, foreach=True), device, repeat
+    )}
+    memory = [p for n, p in model.named_parameters() if "memory" in n]
+    rest = [p for n, p in model.named_parameters() if "memory" not in n]
+    results["clip_grad_groups_ (2 groups)"] = timed(
+        lambda: clip_grad_groups_([memory, rest], [limit, limit]), device, repeat
+    )
+    plugin = GradClip(GradClip.Config(
+        max_norm=limit, groups=(ClipGroup("memory", ("*memory*",), max_norm=limit),)
+    ))
+    pipe = steadytrain.Pipeline([plugin]).setup(model)
+    ctx = steadytrain.StepContext(pipe.run, 0, 0, None, instance=plugin.key)
+    results["grad_clip plugin (2 groups)"] = timed(
+        lambda: plugin.after_backward(ctx), device, repeat
+    )
+    pipe.run.metrics.reset()
+    pipe.close()
+    for p in params:
+        p.grad = None
+    return results
+
+
+def copy_bandwidth() -> float:
+    """Bytes read plus written per second by a 2 GiB device-to-device copy."""
+    src = torch.empty(2**29, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    seconds = timed(lambda: dst.copy_(src), "cuda", 20)
+    return 2 * src.numel() * 4 / seconds
+
+
+def check_cuda_paths() -> str:
+    """The CPU shadow and both evaluation swaps give the same-device results on CUDA."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8)).cuda()
+    plugins = [EMA(EMA.Config(decay=0.9, device=d, swap=s), id=f"{d}_{s}")
+               for d, s in (("same", "auto"), ("same", "copy"), ("cpu", "auto"))]
+    pipe = steadytrain.Pipeline(plugins).setup(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(5):
+        pipe.before_step()
+        pipe.compute_loss(model(torch.randn(4, 64, device="cuda")).pow(2).mean()).backward()
+        pipe.after_backward()
+        opt.step()
+        pipe.consolidate()
+        opt.zero_grad()
+    reference = plugins[0].averaged_state_dict()
+    for plugin in plugins[1:]:
+        for name, tensor in plugin.averaged_state_dict().items():
+            assert torch.allclose(tensor.cuda(), reference[name], rtol=1e-6, atol=1e-7), name
+    training = [p.detach().clone() for p in model.parameters()]
+    for plugin in plugins:
+        plugin.on_eval_start()
+        for name, param in model.named_parameters():
+            assert torch.allclose(param, reference[name], rtol=1e-6, atol=1e-7), name
+        plugin.on_eval_end()
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), training, strict=True))
+    pipe.close()
+    return "ok"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100],
+                        help="model sizes in millions of parameters")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    device = args.device
+    report: dict[str, object] = {
+        "machine": torch.cuda.get_device_name() if device == "cuda" else
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__, "python": sys.version.split()[0], "runs": [],
+    }
+    if device == "cuda":
+        report["copy_bandwidth_TBps"] = copy_bandwidth() / 1e12
+        report["cuda_paths"] = check_cuda_paths()
+    print(json.dumps({k: v for k, v in report.items() if k != "runs"}), flush=True)
+    for millions in args.sizes:
+        model = make_model(millions, device)
+        count = sum(p.numel() for p in model.parameters())
+        run = {"params": count, "tensors": len(list(model.parameters())),
+               "ema_s": bench_ema(model, device, args.repeat),
+               "clip_s": bench_clip(model, device, args.repeat)}
+        run["ema_GBps"] = {k: 12 * count / v / 1e9 for k, v in run["ema_s"].items()}
+        base = run["clip_s"]["clip_grad_norm_(foreach=True)"]
+        run["clip_ratio"] = {k: v / base for k, v in run["clip_s"].items()}
+        report["runs"].append(run)
+        print(json.dumps(run), flush=True)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    print_table(report)
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{report['machine']}, torch {report['torch']}")
+    for run in report["runs"]:
+        print(f"\n{run['params'] / 1e6:.1f}M params, {run['tensors']} tensors")
+        for name, seconds in run["ema_s"].items():
+            print(f"  EMA  {name:38s} {seconds * 1e3:9.3f} ms  {run['ema_GBps'][name]:8.1f} GB/s")
+        for name, seconds in run["clip_s"].items():
+            print(f"  clip {name:38s} {seconds * 1e3:9.3f} ms  {run['clip_ratio'][name]:6.3f}x")
+
+
+if __name__ == "__main__":
+    main()
