@@ -82,7 +82,9 @@ class ScheduledConsolidation(steadytrain.Plugin):
     @attrs.frozen
     class Config:
         interval: int = attrs.field(default=500, validator=non_negative_int)
-        at_epoch_end: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+        at_epoch_end: bool = attrs.field(
+            default=False, validator=attrs.validators.instance_of(bool)
+        )
 
         def __attrs_post_init__(self) -> None:
             if self.interval == 0 and not self.at_epoch_end:
