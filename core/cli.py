@@ -33,8 +33,6 @@ def _toml_value(value: Any) -> str:
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    if value is None:
-        return '""  # none'
     return repr(value)
 
 
@@ -100,7 +98,10 @@ def cmd_config(args: argparse.Namespace) -> int:
     print("# exclude = []")
     print('# on_unmatched = "error"')
     for name, kind, default in option_table(factory):
-        print(f"{name} = {_toml_value(default)}    # {kind}")
+        if default is None:  # TOML has no null: an unset option stays commented out
+            print(f"# {name} =    # {kind}, unset by default")
+        else:
+            print(f"{name} = {_toml_value(default)}    # {kind}")
     return 0
 
 
