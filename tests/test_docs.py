@@ -54,3 +54,10 @@ def test_readme_training_loop_runs():
     namespace: dict = {}
     exec(compile(loop, "README.md", "exec"), namespace)
     assert namespace["pipe"].run.step == 10
+
+
+def test_plugin_reference_is_generated_from_the_plugins():
+    generator = load_script(ROOT / "docs" / "make_plugin_reference.py")
+    assert (ROOT / "docs" / "plugins.md").read_text() == generator.render(), (
+        "docs/plugins.md is stale: run python docs/make_plugin_reference.py"
+    )
