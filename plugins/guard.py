@@ -231,8 +231,15 @@ class Guard(steadytrain.Plugin):
 
     @steadytrain.hookimpl
     def setup(self, run: steadytrain.Run) -> None:
+        if self.config.snapshot_every and run.model is None:
+            raise steadytrain.ConfigError(
+                f"{self.key}.snapshot_every: snapshots need the model; pass it to "
+                "pipe.setup(model, optimizer) or set snapshot_every = 0"
+            )
         named = run.named_parameters()
-        names = set(self.filter.select([n for n, _ in named], kind="parameter"))
+        # Without a model only the loss is guarded; with one, a typo in the patterns is
+        # an error rather than a silently unguarded gradient.
+        names = set(self.filter.select([n for n, _ in named], kind="parameter")) if named else ()
         self.params = [p for n, p in named if n in names]
         self.device = self.params[0].device if self.params else torch.device("cpu")
         self.history = torch.zeros(self.config.window, device=self.device)
@@ -248,11 +255,6 @@ class Guard(steadytrain.Plugin):
         self._optimizers = run.optimizers
         self._snapshot: _Snapshot | None = None
         if self.config.snapshot_every:
-            if run.model is None:
-                raise steadytrain.ConfigError(
-                    f"{self.key}.snapshot_every: snapshots need the model; pass it to "
-                    "pipe.setup(model, optimizer) or set snapshot_every = 0"
-                )
             self._live = list(run.model.state_dict(keep_vars=True).values())
             self._snapshot = _Snapshot(self.config.snapshot_device)
 
@@ -351,11 +353,11 @@ class Guard(steadytrain.Plugin):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "history": self.history,
-            "count": self.count,
-            "counters": self.counters,
-            "run_length": self.run_length,
-            "longest": self.longest,
+            "history": self.history.clone(),
+            "count": self.count.clone(),
+            "counters": self.counters.clone(),
+            "run_length": self.run_length.clone(),
+            "longest": self.longest.clone(),
             "reported_skips": self.reported_skips,
             "restored": self.restored,
         }
