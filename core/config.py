@@ -22,6 +22,7 @@ reported at once.
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 import types
 import typing
@@ -357,7 +358,7 @@ def describe_type(kind: Any) -> str:
         return kind
     if isinstance(kind, type) and not isinstance(kind, types.GenericAlias):
         return kind.__name__
-    return str(kind).replace("typing.", "")
+    return re.sub(r"\b(?:[A-Za-z_]\w*\.)+(\w+)", r"\1", str(kind))
 
 
 def option_table(factory: type[Plugin]) -> list[tuple[str, str, Any]]:

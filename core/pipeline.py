@@ -105,11 +105,9 @@ class Pipeline:
         variable ``STEADYTRAIN_DISABLE`` are left out, as are those with
         ``enabled = false``.
         """
-        if registry is None and not isinstance(source, RunConfig):
-            autoload = source.get("autoload", True) if isinstance(source, Mapping) else True
-            registry = Registry.discover(autoload=None if autoload is not False else False)
         config = load_config(source, registry=registry)
-        registry = registry or Registry.discover(autoload=None if config.autoload else False)
+        if registry is None:
+            registry = Registry.discover(autoload=None if config.autoload else False)
         known = {inst.plugin for inst in config.plugins} | {inst.key for inst in config.plugins}
         known |= set(registry.names())
         for name in (*config.disable, *disable):
