@@ -285,6 +285,13 @@ def _as_std(value: Any, where: str) -> float:
     return float(value)
 
 
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
 @attrs.frozen(eq=False)
 class _Plan:
     """What one set of corrected variable names resolves to; computed once per set."""
@@ -454,15 +461,15 @@ class CorrectorPenalty(steadytrain.Plugin):
         delta = entry.delta
         if entry.mask is not None and (
             entry.mask.dtype != torch.bool
-            or torch.broadcast_shapes(entry.mask.shape, delta.shape) != delta.shape
+            or not _broadcasts_to(entry.mask.shape, delta.shape)
         ):
             raise ValueError(
                 f"{where}: the mask must be a boolean tensor broadcastable to "
                 f"{tuple(delta.shape)}, got {entry.mask.dtype} of shape "
                 f"{tuple(entry.mask.shape)}"
             )
-        if self._area_weights is not None and (
-            torch.broadcast_shapes(self._area_weights.shape, delta.shape) != delta.shape
+        if self._area_weights is not None and not _broadcasts_to(
+            self._area_weights.shape, delta.shape
         ):
             raise ValueError(
                 f"{where}: area weights of shape {tuple(self._area_weights.shape)} do not "
