@@ -1,0 +1,187 @@
+import io
+import tomllib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import steadytrain
+from steadytrain.plugins.label_smoothing import LabelSmoothing, label_smoothing_term
+
+
+def batch(*shape, classes=7, ignore_index=-100, ignored=3, seed=0):
+    """Logits of shape (*shape, classes) and targets with *ignored* ignored entries."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(*shape, classes, generator=gen)
+    targets = torch.randint(0, classes, shape, generator=gen)
+    targets.view(-1)[:ignored] = ignore_index
+    return logits, targets
+
+
+def torch_layout(logits):
+    """F.cross_entropy wants the classes in dimension 1."""
+    return logits.movedim(-1, 1)
+
+
+def smoothed_step(pipe, logits, targets, *, ignore_index=-100):
+    """One host step whose task loss is plain cross-entropy; returns the combined loss."""
+    pipe.before_step(targets=targets)
+    task = F.cross_entropy(torch_layout(logits), targets, ignore_index=ignore_index)
+    loss = pipe.compute_loss(task, outputs={"logits": logits})
+    pipe.after_backward()
+    pipe.consolidate()
+    return loss
+
+
+@pytest.mark.parametrize("shape", [(12,), (3, 8), (2, 3, 4)])
+@pytest.mark.parametrize("ignore_index", [-100, 2])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.35, 1.0])
+@pytest.mark.parametrize("ignored", [0, 3])
+def test_cross_entropy_plus_term_is_label_smoothed_cross_entropy(
+    shape, ignore_index, smoothing, ignored
+):
+    logits, targets = batch(*shape, ignore_index=ignore_index, ignored=ignored)
+    plain = F.cross_entropy(torch_layout(logits), targets, ignore_index=ignore_index)
+    term = label_smoothing_term(logits, targets, smoothing, ignore_index)
+    expected = F.cross_entropy(
+        torch_layout(logits), targets, ignore_index=ignore_index, label_smoothing=smoothing
+    )
+    torch.testing.assert_close(plain + term, expected)
+
+
+def test_class_dim_one_takes_the_cross_entropy_layout():
+    logits, targets = batch(2, 5)
+    layout = torch_layout(logits)  # (batch, classes, seq)
+    expected = F.cross_entropy(layout, targets, label_smoothing=0.1)
+    term = label_smoothing_term(layout, targets, 0.1, class_dim=1)
+    torch.testing.assert_close(F.cross_entropy(layout, targets) + term, expected)
+
+
+def test_all_targets_ignored_gives_zero():
+    logits, targets = batch(2, 4, ignored=8)
+    assert label_smoothing_term(logits, targets, 0.1) == 0
+
+
+def test_plugin_in_a_pipeline_matches_smoothed_cross_entropy_and_its_gradient():
+    logits, targets = batch(4, 6)
+    logits.requires_grad_()
+    pipe = steadytrain.Pipeline([LabelSmoothing()]).setup()
+    loss = smoothed_step(pipe, logits, targets)
+    (grad,) = torch.autograd.grad(loss, logits)
+    reference = logits.detach().requires_grad_()
+    expected = F.cross_entropy(torch_layout(reference), targets, label_smoothing=0.1)
+    (expected_grad,) = torch.autograd.grad(expected, reference)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_weight_scales_the_smoothing():
+    logits, targets = batch(4, 6)
+    pipe = steadytrain.Pipeline([LabelSmoothing(LabelSmoothing.Config(smoothing=0.2), weight=0.5)])
+    loss = smoothed_step(pipe.setup(), logits, targets)
+    expected = F.cross_entropy(torch_layout(logits), targets, label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_targets_key_reads_a_mapping_of_targets_and_ignore_index_from_the_config():
+    logits, targets = batch(3, 5, ignore_index=0)
+    config = LabelSmoothing.Config(targets_key="labels", ignore_index=0, logits_key="scores")
+    pipe = steadytrain.Pipeline([LabelSmoothing(config)]).setup()
+    pipe.before_step(targets={"labels": targets, "mask": torch.ones(3, 5)})
+    task = F.cross_entropy(torch_layout(logits), targets, ignore_index=0)
+    loss = pipe.compute_loss(task, outputs={"scores": logits})
+    expected = F.cross_entropy(torch_layout(logits), targets, ignore_index=0, label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_toml_config_and_stateless_checkpoint_round_trip():
+    config = tomllib.loads(
+        '[[plugins]]\nplugin = "label_smoothing"\nid = "ls"\nsmoothing = 0.2\n'
+        "ignore_index = -1\n"
+    )
+    pipe = steadytrain.Pipeline.from_config(config).setup()
+    assert pipe.plugins["ls"].config == LabelSmoothing.Config(smoothing=0.2, ignore_index=-1)
+    logits, targets = batch(2, 6, ignore_index=-1)
+    loss = smoothed_step(pipe, logits, targets, ignore_index=-1)
+    expected = F.cross_entropy(
+        torch_layout(logits), targets, ignore_index=-1, label_smoothing=0.2
+    )
+    torch.testing.assert_close(loss, expected)
+    buffer = io.BytesIO()
+    torch.save(pipe.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = steadytrain.Pipeline.from_config(config)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    fresh.setup()
+    assert fresh.run.step == 1
+    torch.testing.assert_close(smoothed_step(fresh, logits, targets, ignore_index=-1), expected)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"smoothing": 1.5}, r"plugins\[0\]\.smoothing: must be in \[0\.0, 1\.0\], got 1\.5"),
+        ({"logits_key": ""}, r"plugins\[0\]\.logits_key: must be a non-empty string"),
+        ({"targets_key": 3}, r"plugins\[0\]\.targets_key: "),
+        ({"ignore_index": 0.5}, r"plugins\[0\]\.ignore_index: expected an integer"),
+    ],
+)
+def test_bad_options_are_config_errors(options, message):
+    with pytest.raises(steadytrain.ConfigError, match=message):
+        steadytrain.load_config({"plugins": [{"plugin": "label_smoothing", **options}]})
+
+
+def test_include_is_an_error():
+    with pytest.raises(steadytrain.ConfigError, match=r"ls\.include: include/exclude have nothing"):
+        steadytrain.Pipeline([LabelSmoothing(id="ls", include=["decoder.*"])]).setup()
+
+
+def step_error(config, *, outputs, targets):
+    pipe = steadytrain.Pipeline([LabelSmoothing(config, id="ls")]).setup()
+    pipe.before_step(targets=targets)
+    with pytest.raises(steadytrain.HookError) as info:
+        pipe.compute_loss(None, outputs=outputs)
+    return str(info.value)
+
+
+def test_missing_logits_is_an_error_listing_the_outputs():
+    logits, targets = batch(2, 3)
+    message = step_error(LabelSmoothing.Config(), outputs={"gates": logits, "hidden": logits},
+                         targets=targets)
+    assert "ls.logits_key: no output 'logits' in this step; the outputs are: gates, hidden" \
+        in message
+
+
+@pytest.mark.parametrize(
+    ("config", "targets", "message"),
+    [
+        ({}, None, "ls.targets_key: the step's targets is a NoneType, not a tensor"),
+        ({}, {"labels": 0}, "ls.targets_key: the targets are a mapping with keys labels"),
+        ({"targets_key": "labels"}, {"ids": 0}, "ls.targets_key: no entry 'labels' in the step's"
+                                                " targets (ids)"),
+        ({"targets_key": "labels"}, None, "no entry 'labels' in the step's targets (not a "
+                                          "mapping but a NoneType)"),
+    ],
+)
+def test_missing_or_misplaced_targets_are_errors(config, targets, message):
+    logits, _ = batch(2, 3)
+    assert message in step_error(LabelSmoothing.Config(**config), outputs={"logits": logits},
+                                 targets=targets)
+
+
+@pytest.mark.parametrize(
+    ("config", "make_targets", "message"),
+    [
+        ({}, lambda t: t.float(), "ls: targets must be class indices (an integer tensor), got "
+                                  "torch.float32"),
+        ({}, lambda t: t[:, :2], "ls: targets of shape (2, 2) do not fit logits of shape "
+                                 "(2, 3, 7)"),
+        ({"class_dim": 1}, lambda t: t, "ls: targets of shape (2, 3) do not fit logits"),
+        ({"class_dim": 3}, lambda t: t, "ls: class_dim 3 is out of range for logits of shape "
+                                        "(2, 3, 7)"),
+    ],
+)
+def test_wrong_targets_or_shapes_are_errors(config, make_targets, message):
+    logits, targets = batch(2, 3)
+    assert message in step_error(LabelSmoothing.Config(**config), outputs={"logits": logits},
+                                 targets=make_targets(targets))
