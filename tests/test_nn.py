@@ -327,6 +327,20 @@ def test_retrieve_is_softmax_attention_over_the_valid_entries():
     assert query.grad.abs().sum() > 0
 
 
+def test_retrieve_then_store_in_one_forward_pass_backpropagates_through_the_old_entries():
+    torch.manual_seed(11)
+    buffer = MemoryBuffer(3, 2).double()
+    buffer.store(torch.randn(3, 2), torch.randn(3, 2))
+    keys, values = buffer.keys.clone(), buffer.values.clone()
+    query = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    value, _ = buffer.retrieve(query)
+    buffer.store(torch.randn(2), torch.randn(2))
+    value.sum().backward()
+    again = query.detach().requires_grad_()
+    (torch.softmax(again @ keys.T / math.sqrt(2), dim=-1) @ values).sum().backward()
+    torch.testing.assert_close(query.grad, again.grad)
+
+
 def test_retrieve_from_an_empty_buffer_is_zero_and_finite():
     buffer = MemoryBuffer(3, 2)
     query = torch.randn(4, 2, requires_grad=True)

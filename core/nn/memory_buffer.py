@@ -18,7 +18,9 @@ Semantics, where the document's sketch is ambiguous or wrong:
   the document's limit of ``2·capacity`` (the default) never fires, and ``max_age`` only
   matters when set below the capacity.
 * Stored keys and values are detached copies; gradients flow from :meth:`retrieve` to
-  the query only.
+  the query only. A retrieval that needs gradients keeps its own copy of the keys and
+  values (``O(capacity·dim)``), so that storing later in the same forward pass does not
+  break its backward.
 * In training mode, :meth:`retrieve` counts an access for the entry each query attends
   to most; evaluation leaves the buffer unchanged.
 * Consolidation copies every valid short-term entry with at least ``threshold`` accesses
@@ -118,16 +120,21 @@ class MemoryBuffer(nn.Module):
         invalid ones; all 0, and a zero value, when the buffer is empty).
         """
         check_features(describe(self), "query", query, self.dim)
-        scores = (query @ self.keys.t()) * self.dim**-0.5
+        keys, values, valid = self.keys, self.values, self.valid
+        if torch.is_grad_enabled() and query.requires_grad:
+            # The backward needs them as they are now, and a store later in the same
+            # forward pass (retrieve, then store) updates the buffers in place.
+            keys, values, valid = keys.clone(), values.clone(), valid.clone()
+        scores = (query @ keys.t()) * self.dim**-0.5
         # The lowest finite number rather than -inf: an empty buffer then gives uniform
         # weights that the mask zeroes, instead of NaN from a softmax over all -inf.
-        scores = scores.masked_fill(~self.valid, torch.finfo(scores.dtype).min)
-        weights = torch.softmax(scores, dim=-1) * self.valid
+        scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=-1) * valid
         if self.training:
             with torch.no_grad():
                 top = weights.reshape(-1, self.capacity).argmax(dim=-1)
-                self.access_counts.index_add_(0, top, self.valid[top].long())
-        return weights @ self.values, weights
+                self.access_counts.index_add_(0, top, valid[top].long())
+        return weights @ values, weights
 
     def extra_repr(self) -> str:
         return f"capacity={self.capacity}, dim={self.dim}, decay={self.decay}"
