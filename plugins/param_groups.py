@@ -1,0 +1,127 @@
+"""Parameter groups from name patterns: one optimizer with per-group lr and weight decay.
+
+What it does
+    :func:`param_groups` turns a list of group specs (include/exclude glob patterns, a
+    learning-rate scale, a weight decay) into the ``params`` argument of any
+    ``torch.optim`` optimizer. Every parameter lands in exactly one group; the ones no
+    spec selects form a last, default group with the base ``lr`` and ``weight_decay``.
+
+When to use it
+    When parts of a model need their own learning rate or weight decay: one optimizer
+    with groups replaces several optimizers (one ``step``, one ``zero_grad``, one state
+    to checkpoint, and the fused/foreach kernels see all parameters at once).
+
+Hyperparameters
+    Per group: ``include`` (default ``["*"]``), ``exclude``, ``lr_scale`` (1.0),
+    ``weight_decay`` (the base value), ``name``. The memory-model document's setup is
+    ``[{"include": ["*memory*"], "lr_scale": 0.1, "weight_decay": 0.001}]`` with
+    ``weight_decay=0.01`` for the rest.
+
+Source
+    The memory-model stability document (seed 000), section 6: two AdamW optimizers,
+    the memory parameters at 0.1× the learning rate and weight decay 0.001 against 0.01.
+
+Caveats
+    * Patterns use the filter syntax of every plugin (``*``, ``?``, ``[ab]``, ``#`` for
+      digits) against ``model.named_parameters()`` names; a pattern that matches nothing
+      is an error, and so is a parameter selected by two groups.
+    * Each group dict carries a ``name`` key, which torch keeps in
+      ``optimizer.param_groups`` (and in its ``state_dict``).
+    * Frozen parameters (``requires_grad=False``) are grouped like the others; the
+      optimizer skips them while they have no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+import steadytrain
+
+GROUP_KEYS = ("name", "include", "exclude", "lr_scale", "weight_decay")
+OWNER = "param_groups"
+
+
+def _number(where: str, value: Any, *, allow_zero: bool) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        kind = "a number >= 0" if allow_zero else "a positive number"
+        raise steadytrain.ConfigError(f"{where}: must be {kind}, got {value!r}")
+    return float(value)
+
+
+def _patterns(where: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
+        raise steadytrain.ConfigError(f"{where}: expected a list of patterns, got {value!r}")
+    return tuple(value)
+
+
+def param_groups(
+    model: torch.nn.Module,
+    groups: Sequence[Mapping[str, Any]],
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    default_name: str = "default",
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups for *model* from pattern specs.
+
+    Each spec may have ``include`` (glob patterns, default ``["*"]``), ``exclude``,
+    ``lr_scale`` (the group's ``lr`` is ``lr * lr_scale``), ``weight_decay`` (default
+    *weight_decay*) and ``name`` (default ``groups[i]``). Parameters no spec selects go
+    to a last group named *default_name* with *lr* and *weight_decay*; it is left out
+    when empty. Raises :class:`steadytrain.ConfigError` for an unknown key, a bad number,
+    a pattern that matches no parameter, a parameter two groups select, or a group that
+    ends up empty.
+    """
+    lr = _number(f"{OWNER}.lr", lr, allow_zero=False)
+    weight_decay = _number(f"{OWNER}.weight_decay", weight_decay, allow_zero=True)
+    named = list(model.named_parameters())
+    names = [n for n, _ in named]
+    by_name = dict(named)
+    owner_of: dict[str, str] = {}
+    result = []
+    for index, spec in enumerate(groups):
+        where = f"{OWNER}.groups[{index}]"
+        if not isinstance(spec, Mapping):
+            raise steadytrain.ConfigError(f"{where}: expected a table of options, got {spec!r}")
+        for key in spec:
+            if key not in GROUP_KEYS:
+                raise steadytrain.ConfigError(
+                    f"{where}: unknown key {key!r}; known keys: {', '.join(GROUP_KEYS)}"
+                )
+        name = spec.get("name", f"groups[{index}]")
+        selector = steadytrain.VariableFilter(
+            include=_patterns(f"{where}.include", spec.get("include", ("*",))),
+            exclude=_patterns(f"{where}.exclude", spec.get("exclude", ())),
+            owner=where,
+        )
+        selected = selector.select(names, kind="parameter")
+        if not selected:
+            raise steadytrain.ConfigError(
+                f"{where}: the patterns select no parameter (every match is excluded)"
+            )
+        for param in selected:
+            if param in owner_of:
+                raise steadytrain.ConfigError(
+                    f"{where}: parameter {param!r} is also in group {owner_of[param]!r}; a "
+                    "parameter belongs to one group: narrow the patterns or add an exclude"
+                )
+            owner_of[param] = name
+        result.append({
+            "params": [by_name[n] for n in selected],
+            "lr": lr * _number(f"{where}.lr_scale", spec.get("lr_scale", 1.0), allow_zero=False),
+            "weight_decay": _number(f"{where}.weight_decay",
+                                    spec.get("weight_decay", weight_decay), allow_zero=True),
+            "name": name,
+        })
+    rest = [by_name[n] for n in names if n not in owner_of]
+    if rest:
+        result.append({"params": rest, "lr": lr, "weight_decay": weight_decay,
+                       "name": default_name})
+    return result
