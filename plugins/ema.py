@@ -116,6 +116,12 @@ class EMA(steadytrain.Plugin):
         self.names = [n for n in selected if tensors[n].is_floating_point()]
         self._targets = [tensors[n] for n in self.names]
         self._model = run.model
+        # Tied weights appear once in named_parameters() but under every name in the
+        # model's state_dict; the export fills each of those names.
+        everything = [*run.model.named_parameters(remove_duplicate=False),
+                      *run.model.named_buffers(remove_duplicate=False)]
+        index = {id(t): i for i, t in enumerate(self._targets)}
+        self._aliases = {name: index[id(t)] for name, t in everything if id(t) in index}
         on_cpu = self.config.device == "cpu"
         with torch.no_grad():
             self.shadow = [t.to("cpu", copy=True) if on_cpu else t.clone()
@@ -195,27 +201,19 @@ class EMA(steadytrain.Plugin):
         """Where the averaged values live now: the shadow, or the model while swapped in."""
         return self._targets if self._swapped else self.shadow
 
-    def _training(self) -> list[torch.Tensor]:
-        """Where the training weights live now: the model, or the shadow/backup while swapped."""
-        if not self._swapped:
-            return self._targets
-        return self.shadow if self._by_pointer else self._backup
-
     def averaged_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's ``state_dict`` with the averaged values in place of the selected ones.
 
         Loads into the model with ``model.load_state_dict``; the tensors are copies.
         Before the first update it holds the training weights.
         """
-        averaged = {}
-        if self.num_updates:
-            averaged = dict(zip(self.names, self._averages(), strict=True))
-        training = dict(zip(self.names, self._training(), strict=True))
         state = self._model.state_dict()
-        return {
-            name: averaged.get(name, training.get(name, t)).detach().clone()
-            for name, t in state.items()
-        }
+        if self.num_updates:
+            averages = self._averages()
+            for name, position in self._aliases.items():
+                if name in state:
+                    state[name] = averages[position]
+        return {name: t.detach().clone() for name, t in state.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {

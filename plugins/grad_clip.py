@@ -116,14 +116,15 @@ def grad_group_norms(
     return torch.stack([zero if t is None else t.float() for t in totals])
 
 
-def clip_coefficients(norms: torch.Tensor, max_norms: torch.Tensor) -> torch.Tensor:
+def clip_coefficients(norms: torch.Tensor, max_norms: torch.Tensor | float) -> torch.Tensor:
     """``min(1, max_norm / (norm + 1e-6))``, the factor ``clip_grad_norm_`` scales by."""
     return (max_norms / (norms + 1e-6)).clamp(max=1.0)
 
 
 @torch.no_grad()
 def scale_grad_groups_(
-    grad_groups: Sequence[Sequence[torch.Tensor]], coefficients: torch.Tensor
+    grad_groups: Sequence[Sequence[torch.Tensor]],
+    coefficients: torch.Tensor | Sequence[torch.Tensor],
 ) -> None:
     """Multiply the gradients of group ``i`` by ``coefficients[i]``, one fused call a group."""
     for index, grads in enumerate(grad_groups):
@@ -147,8 +148,9 @@ def clip_grad_groups_(
     """
     grad_groups = [_grads(g) for g in groups]
     norms = grad_group_norms(grad_groups, norm_types)
-    limits = torch.tensor(list(max_norms), dtype=norms.dtype).to(norms.device)
-    scale_grad_groups_(grad_groups, clip_coefficients(norms, limits))
+    # Python-number thresholds: a tensor of them would be a host-to-device copy per call.
+    coefficients = [clip_coefficients(norms[i], limit) for i, limit in enumerate(max_norms)]
+    scale_grad_groups_(grad_groups, coefficients)
     return norms
 
 

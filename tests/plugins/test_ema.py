@@ -203,6 +203,27 @@ def test_teardown_leaves_training_weights_in_the_model():
             assert torch.equal(param, training[name])
 
 
+def test_export_fills_every_name_of_a_tied_weight():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(6, 4), torch.nn.Linear(4, 6, bias=False))
+    model[1].weight = model[0].weight
+    plugin = EMA(EMA.Config(decay=0.5, warmup=False))
+    pipe = steadytrain.Pipeline([plugin]).setup(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        pipe.before_step()
+        pipe.compute_loss(model(torch.arange(6)).pow(2).mean()).backward()
+        pipe.after_backward()
+        opt.step()
+        pipe.consolidate()
+        opt.zero_grad()
+    exported = plugin.averaged_state_dict()
+    assert plugin.names == ["0.weight"]
+    assert torch.equal(exported["1.weight"], plugin.shadow[0])
+    assert torch.equal(exported["0.weight"], plugin.shadow[0])
+    assert not torch.equal(plugin.shadow[0], model[0].weight)
+
+
 def test_averaged_state_dict_loads_into_the_model():
     _, plugin, _ = ema_run(EMA.Config(decay=0.8), 4)
     fresh = make_model()
