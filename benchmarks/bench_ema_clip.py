@@ -8,13 +8,14 @@ Times, per update, for models of 10M to 1B float32 parameters shaped like a tran
   ``torch_ema.ExponentialMovingAverage`` and timm's ``ModelEmaV3`` (each where
   importable). Achieved bandwidth counts the fewest bytes an update must move: read the
   shadow and the weights, write the shadow (12 bytes a parameter).
-* Clipping: the ``grad_clip`` plugin's ``after_backward`` (two groups, metrics included)
-  and the plain ``clip_grad_groups_``, against one ``clip_grad_norm_(foreach=True)``
-  over all parameters.
+* Clipping: the ``grad_clip`` plugin's ``after_backward`` in each mode (two groups,
+  metrics included) and the plain ``clip_grad_groups_``, against one
+  ``clip_grad_norm_(foreach=True)`` over all parameters.
 
 Run: ``python benchmarks/bench_ema_clip.py --sizes 10 100 [--device cuda] [--json out.json]``.
 On CUDA the script also measures a device-to-device copy (the practical bandwidth
-ceiling) and checks the CPU-shadow and evaluation-swap paths against the same-device one.
+ceiling), checks the CPU-shadow and evaluation-swap paths against the same-device one,
+and runs the plugins' step work under ``torch.cuda.set_sync_debug_mode("error")``.
 """
 
 from __future__ import annotations
@@ -153,16 +154,17 @@ def bench_clip(model: torch.nn.Module, device: str, repeat: int) -> dict[str, fl
     results["clip_grad_groups_ (2 groups)"] = timed(
         lambda: clip_grad_groups_([memory, rest], [limit, limit]), device, repeat
     )
-    plugin = GradClip(GradClip.Config(
-        max_norm=limit, groups=(ClipGroup("memory", ("*memory*",), max_norm=limit),)
-    ))
-    pipe = steadytrain.Pipeline([plugin]).setup(model)
-    ctx = steadytrain.StepContext(pipe.run, 0, 0, None, instance=plugin.key)
-    results["grad_clip plugin (2 groups)"] = timed(
-        lambda: plugin.after_backward(ctx), device, repeat
-    )
-    pipe.run.metrics.reset()
-    pipe.close()
+    for mode in ("norm", "adaptive", "agc"):
+        plugin = GradClip(GradClip.Config(
+            mode=mode, max_norm=limit, clipping=limit,
+            groups=(ClipGroup("memory", ("*memory*",), max_norm=limit, clipping=limit),),
+        ))
+        pipe = steadytrain.Pipeline([plugin]).setup(model)
+        ctx = steadytrain.StepContext(pipe.run, 0, 0, None, instance=plugin.key)
+        results[f"grad_clip plugin, {mode} (2 groups)"] = timed(
+            lambda plugin=plugin, ctx=ctx: plugin.after_backward(ctx), device, repeat
+        )
+        pipe.close()
     for p in params:
         p.grad = None
     return results
@@ -206,6 +208,35 @@ def check_cuda_paths() -> str:
     return "ok"
 
 
+def check_no_host_sync() -> str:
+    """Run the plugins' step work with CUDA's sync debug mode set to raise on a sync."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8)).cuda()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    ema = EMA(EMA.Config(decay=0.9))
+    clips = [GradClip(GradClip.Config(mode=m, warmup=1, groups=(ClipGroup("first", ("0.*",)),)),
+                      id=m) for m in ("norm", "adaptive", "agc")]
+    pipe = steadytrain.Pipeline([ema, *clips]).setup(model)
+    ctx = steadytrain.StepContext(pipe.run, 0, 0, None)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            for clip in clips:
+                ctx.instance = clip.key
+                clip.after_backward(ctx)
+            ema.update()
+            clip_grad_groups_([list(model[0].parameters()), list(model[1].parameters())],
+                              [0.5, 1.0])
+        ema.on_eval_start()
+        ema.on_eval_end()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    pipe.close()
+    return "ok"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100],
@@ -223,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     if device == "cuda":
         report["copy_bandwidth_TBps"] = copy_bandwidth() / 1e12
         report["cuda_paths"] = check_cuda_paths()
+        report["no_host_sync"] = check_no_host_sync()
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}), flush=True)
     for millions in args.sizes:
         model = make_model(millions, device)
@@ -250,7 +282,7 @@ def print_table(report: dict) -> None:
         for name, seconds in run["ema_s"].items():
             print(f"  EMA  {name:38s} {seconds * 1e3:9.3f} ms  {run['ema_GBps'][name]:8.1f} GB/s")
         for name, seconds in run["clip_s"].items():
-            print(f"  clip {name:38s} {seconds * 1e3:9.3f} ms  {run['clip_ratio'][name]:6.3f}x")
+            print(f"  clip {name:38s} {seconds * 1e3:9.3f} ms  {run['clip_ratio'][name]:7.3f}x")
 
 
 if __name__ == "__main__":

@@ -112,8 +112,10 @@ def grad_group_norms(
             stop = start + len(grad_groups[i])
             totals[i] = _total(norms[start:stop], norm_type)
             start = stop
-    zero = torch.zeros((), device=device)
-    return torch.stack([zero if t is None else t.float() for t in totals])
+    if any(t is None for t in totals):
+        zero = torch.zeros((), device=device)
+        totals = [zero if t is None else t for t in totals]
+    return torch.stack([t.float() for t in totals])
 
 
 def clip_coefficients(norms: torch.Tensor, max_norms: torch.Tensor | float) -> torch.Tensor:
