@@ -58,14 +58,19 @@ def guard_pipe(model, **options):
 
 
 @pytest.mark.parametrize("bad", [NAN, INF, -INF, None])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_nonfinite_grads_agrees_with_isfinite(bad, dtype):
+@pytest.mark.parametrize(("dtype", "large"), [(torch.float32, 1e15), (torch.bfloat16, 1e15),
+                                              (torch.float16, 6e4)])
+def test_nonfinite_grads_agrees_with_isfinite(bad, dtype, large):
     torch.manual_seed(0)
-    grads = [torch.randn(3, 4, dtype=dtype), torch.randn(5, dtype=dtype) * 1e30]
+    grads = [torch.randn(3, 4, dtype=dtype), torch.full((500,), large, dtype=dtype)]
     if bad is not None:
         grads[1][2] = bad
     expected = not all(bool(torch.isfinite(g).all()) for g in grads)
     assert bool(nonfinite_grads(grads)) is expected
+
+
+def test_a_finite_gradient_whose_norm_overflows_float32_counts_as_non_finite():
+    assert bool(nonfinite_grads([torch.full((4,), 1e20)]))
 
 
 def test_nonfinite_grads_of_no_gradients_is_false():
