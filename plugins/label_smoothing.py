@@ -7,7 +7,10 @@ What it does
     averaged over the tokens whose target is not ``ignore_index``. Added with weight 1 to
     ``F.cross_entropy(logits, targets, ignore_index=i)`` (mean reduction), it gives exactly
     ``F.cross_entropy(logits, targets, ignore_index=i, label_smoothing=ε)``, so a host
-    switches label smoothing on from the config without touching its loss.
+    switches label smoothing on from the config without touching its loss. Since
+    ``log p_y − mean_k log p_k = x_y − mean_k x_k`` (the log-sum-exp cancels), the term is
+    computed from the raw logits ``x`` as ``ε·mean(x_y − mean_k x_k)``: no second softmax,
+    one read of the logits.
 
 When to use it
     Over-confident logits make the loss of a language model spike on rare tokens; a little
@@ -66,6 +69,8 @@ def label_smoothing_term(
 ) -> torch.Tensor:
     """``ε·(mean_k(−log p_k) − CE)`` averaged over the targets that are not *ignore_index*.
 
+    Computed as ``ε·(x_y − mean_k x_k)`` on the logits ``x``, which is the same quantity.
+
     ``F.cross_entropy(x, y, ignore_index=i) + label_smoothing_term(x, y, ε, i, class_dim)``
     equals ``F.cross_entropy(x, y, ignore_index=i, label_smoothing=ε)`` with the class
     dimension of *logits* at *class_dim*.
@@ -87,11 +92,12 @@ def label_smoothing_term(
             f"the classes last, the targets must have shape {tuple(logits.shape[:-1])}); "
             "set class_dim to where the classes are"
         )
-    log_probs = torch.log_softmax(at_least_float32(logits), dim=-1)
     valid = targets != ignore_index
-    picked = log_probs.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
-    # −mean_k log p_k − (−log p_y), zero where the target is ignored
-    per_target = torch.where(valid, picked - log_probs.mean(-1), 0.0)
+    picked = logits.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    # log p_y − mean_k log p_k = x_y − mean_k x_k: the log-sum-exp cancels, so the term
+    # needs no softmax and no float32 copy of the logits
+    mean = logits.mean(-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    per_target = torch.where(valid, at_least_float32(picked) - mean, 0.0)
     return smoothing * per_target.sum() / valid.sum().clamp_min(1)
 
 

@@ -185,3 +185,11 @@ def test_wrong_targets_or_shapes_are_errors(config, make_targets, message):
     logits, targets = batch(2, 3)
     assert message in step_error(LabelSmoothing.Config(**config), outputs={"logits": logits},
                                  targets=make_targets(targets))
+
+
+def test_low_precision_logits_give_a_float32_term_of_the_same_values():
+    logits, targets = batch(3, 5)
+    low = logits.bfloat16()
+    term = label_smoothing_term(low, targets, 0.1)
+    assert term.dtype == torch.float32
+    torch.testing.assert_close(term, label_smoothing_term(low.float(), targets, 0.1))
