@@ -90,6 +90,11 @@ class TensorRegularizer(steadytrain.Plugin):
         if self.config.taps:
             tapped = run.tap(self, self.config.taps)
             self._modules = self.filter.select(tapped, kind="tapped module")
+            if not self._modules:
+                raise steadytrain.FilterError(
+                    f"{self.key}.exclude: excludes every module that taps matched "
+                    f"({', '.join(tapped)}); there is no {self.what} left to regularize"
+                )
         else:
             reject_filter(
                 self, f"they select tapped modules and this instance reads "
@@ -133,7 +138,7 @@ class TensorRegularizer(steadytrain.Plugin):
         return not self._checked
 
     def _inputs(self, ctx: steadytrain.StepContext) -> list[tuple[str, torch.Tensor]]:
-        if self._modules:
+        if self.config.taps:
             return [(f"tap {name!r}", self._tap_output(ctx, name)) for name in self._modules]
         key = self.config.key
         if key not in ctx.outputs:

@@ -135,6 +135,14 @@ def test_include_and_exclude_narrow_the_tapped_modules(case):
     assert torch.allclose(loss, (function(outs["r0"]) + function(outs["r2"])) / 2)
 
 
+def test_excluding_every_tapped_module_is_an_error(case):
+    name, plugin, *_ = case
+    model = torch.nn.ModuleDict({f"r{i}": Router(activation(name)) for i in range(2)})
+    instance = plugin(plugin.Config(taps=("r#",), tap_element=1), id="mine", exclude=["r*"])
+    with pytest.raises(steadytrain.FilterError, match=r"mine\.exclude: excludes every module"):
+        pipeline_of(instance, model=model)
+
+
 def test_tuple_output_without_tap_element_is_an_error(case):
     name, plugin, *_ = case
     model = torch.nn.ModuleDict({"a": Router(activation(name))})
