@@ -100,7 +100,6 @@ class TensorRegularizer(steadytrain.Plugin):
                 self, f"they select tapped modules and this instance reads "
                 f"outputs[{self.config.key!r}] (set taps to read module outputs)"
             )
-            self._modules = ()
         self._checked = False
 
     def check_values(self, tensor: torch.Tensor) -> str | None:

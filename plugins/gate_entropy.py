@@ -15,10 +15,14 @@ When to use it
 
 Hyperparameters
     ``weight`` (suggested 0.05, the source's value; set it in the config). ``target``
-    (default 2.0, the source's value) and ``form`` (default ``"linear"``). Source
-    options shared with the other gate and mask plugins: ``key`` (default ``"gates"``),
-    ``taps``, ``tap_element``, ``check``, ``atol`` (see
-    :mod:`steadytrain.plugins._sources`).
+    (default 2.0, the source's value) and ``form`` (default ``"linear"``).
+    Where the gates come from: ``key`` (default ``"gates"``), the name the model reports
+    them under with ``steadytrain.report``; or ``taps``, module-name patterns whose
+    outputs are the gates (the instance's include/exclude narrow them; ``tap_element``
+    picks the gates out of a tuple output). ``check`` (default ``"auto"``: every step on
+    the CPU, the first step on an accelerator, where it costs a host sync; or
+    ``"every_step"``, ``"first_step"``, ``"never"``) and ``atol`` (default 1e-3; raise it
+    to about 1e-2 for bfloat16 gates) govern the check that gates sum to 1.
 
 Source
     The memory-model stability document (seed 000), section 5 "Loss Function
@@ -37,8 +41,8 @@ Caveats
     summed over the gate entries and averaged over positions only. The source's
     ``+ 1e-8`` inside the log biases small probabilities; here zero probabilities
     contribute 0, as in ``torch.distributions.Categorical``. The linear form keeps
-    pushing the entropy up even below the target's reach; use ``"hinge"`` to stop at a
-    reachable target.
+    pushing the entropy up after a reachable target is met; use ``"hinge"`` to stop
+    there.
 """
 
 from __future__ import annotations

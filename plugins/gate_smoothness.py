@@ -15,9 +15,14 @@ Hyperparameters
     ``weight`` (the instance's weight; suggested 0.1, the source's value — it is not set
     for you, put ``weight = 0.1`` in the config). ``time_dim`` (default -2: the dimension
     before the gate dimension, i.e. the sequence dimension of ``(batch, seq, k)`` and of
-    ``(seq, k)`` gates). Source options shared with the other gate and mask plugins:
-    ``key`` (default ``"gates"``), ``taps``, ``tap_element``, ``check``, ``atol``
-    (see :mod:`steadytrain.plugins._sources`).
+    ``(seq, k)`` gates).
+    Where the gates come from: ``key`` (default ``"gates"``), the name the model reports
+    them under with ``steadytrain.report``; or ``taps``, module-name patterns whose
+    outputs are the gates (the instance's include/exclude narrow them; ``tap_element``
+    picks the gates out of a tuple output). ``check`` (default ``"auto"``: every step on
+    the CPU, the first step on an accelerator, where it costs a host sync; or
+    ``"every_step"``, ``"first_step"``, ``"never"``) and ``atol`` (default 1e-3; raise it
+    to about 1e-2 for bfloat16 gates) govern the check that gates sum to 1.
 
 Source
     The memory-model stability document (seed 000), section 5 "Loss Function

@@ -13,9 +13,13 @@ When to use it
 
 Hyperparameters
     ``weight`` (suggested 0.1, the source's value; set it in the config). ``target``
-    (default 0.15, the source's value: 15 % of the units active). Source options shared
-    with the gate plugins: ``key`` (default ``"sparsity_mask"``), ``taps``,
-    ``tap_element``, ``check`` (see :mod:`steadytrain.plugins._sources`).
+    (default 0.15, the source's value: 15 % of the units active). Where the masks come
+    from: ``key`` (default ``"sparsity_mask"``), the name the model reports them under
+    with ``steadytrain.report``; or ``taps``, module-name patterns whose outputs are the
+    masks (include/exclude narrow them; ``tap_element`` picks the mask out of a tuple
+    output). ``check`` (default ``"auto"``: every step on the CPU, the first step on an
+    accelerator, where it costs a host sync; or ``"every_step"``, ``"first_step"``,
+    ``"never"``) governs the check that the mask lies in [0, 1].
 
 Source
     The memory-model stability document (seed 000), section 5 "Loss Function
