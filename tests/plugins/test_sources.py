@@ -6,9 +6,11 @@ with a valid input and the plain function that gives its expected term.
 
 import io
 import math
+import tomllib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import steadytrain
 from steadytrain.plugins.gate_entropy import GateEntropy, gate_entropy_penalty
@@ -300,3 +302,67 @@ def test_bad_source_options_are_config_errors_with_their_path(case, option, valu
         steadytrain.load_config({"plugins": [{"plugin": name, option: value}]})
     assert str(info.value).startswith(f"plugins[0]{'' if option == 'kye' else '.' + option}: ")
     assert message in str(info.value)
+
+
+class MemoryModel(torch.nn.Module):
+    """The document's building blocks: a 3-way memory gate, then soft top-k sparsity.
+
+    The gate reports its gates as "gates"; the mask reaches the plugin through a tap.
+    """
+
+    def __init__(self, dim=8, vocab=11):
+        super().__init__()
+        self.gate = steadytrain.nn.MemoryGate(dim)
+        self.topk = steadytrain.nn.SoftTopK(dim, report_as=None)
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, current, stm, ltm):
+        mixed, gates = self.gate(current, stm, ltm)
+        sparse, mask = self.topk(mixed)
+        self.seen = gates, mask
+        return self.head(sparse)
+
+
+def test_the_documents_loss_assembled_from_a_config():
+    torch.manual_seed(0)
+    model = MemoryModel()
+    config = tomllib.loads('''
+        [[plugins]]
+        plugin = "gate_smoothness"
+        weight = 0.1
+        [[plugins]]
+        plugin = "gate_entropy"
+        weight = 0.05
+        target = 1.0
+        [[plugins]]
+        plugin = "sparsity_target"
+        weight = 0.1
+        taps = ["topk"]
+        tap_element = 1
+        [[plugins]]
+        plugin = "label_smoothing"
+    ''')
+    pipe = steadytrain.Pipeline.from_config(config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pipe.setup(model, optimizer, total_steps=3)
+    current, stm, ltm = torch.randn(3, 2, 6, 8).unbind(0)
+    targets = torch.randint(0, 11, (2, 6))
+    pipe.before_step(targets=targets)
+    logits = model(current, stm, ltm)
+    task = F.cross_entropy(logits.movedim(-1, 1), targets)
+    loss = pipe.compute_loss(task, outputs={"logits": logits})
+    gates, mask = model.seen
+    assert pipe.run.taps["topk"][1] is mask
+    entropy = -(gates * gates.log()).sum(-1).mean()
+    expected = (
+        F.cross_entropy(logits.movedim(-1, 1), targets, label_smoothing=0.1)
+        + 0.1 * (gates[:, 1:] - gates[:, :-1]).pow(2).mean()
+        + 0.05 * (1.0 - entropy)
+        + 0.1 * (mask.mean() - 0.15) ** 2
+    )
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert model.gate.gate_bias.grad.abs().sum() > 0
+    optimizer.step()
+    pipe.after_backward()
+    pipe.consolidate()
