@@ -444,38 +444,44 @@ class CorrectorPenalty(steadytrain.Plugin):
 
     # -- checks --------------------------------------------------------------------------
 
-    def _delta(self, name: str, entry: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        where = f"{self.key}: corrections[{name!r}] (from outputs[{self.config.source!r}])"
+    def _where(self, name: str) -> str:
+        return f"{self.key}: corrections[{name!r}] (from outputs[{self.config.source!r}])"
+
+    def _tensor_of(self, name: str, entry: Any) -> torch.Tensor:
+        if isinstance(entry, Correction):
+            return entry.pre
         if isinstance(entry, torch.Tensor):
-            return entry, None
-        if not isinstance(entry, Correction):
-            raise TypeError(
-                f"{where}: expected a Correction or a post − pre tensor, got "
-                f"{type(entry).__name__}"
-            )
-        if entry.pre.shape != entry.post.shape:
-            raise ValueError(
-                f"{where}: pre-corrector shape {tuple(entry.pre.shape)} differs from "
-                f"post-corrector shape {tuple(entry.post.shape)}; the corrector must keep shapes"
-            )
-        delta = entry.delta
-        if entry.mask is not None and (
-            entry.mask.dtype != torch.bool
-            or not _broadcasts_to(entry.mask.shape, delta.shape)
+            return entry
+        raise TypeError(
+            f"{self._where(name)}: expected a Correction or a post − pre tensor, got "
+            f"{type(entry).__name__}"
+        )
+
+    def _delta(self, name: str, entry: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        delta, mask = self._tensor_of(name, entry), None
+        if isinstance(entry, Correction):
+            if entry.pre.shape != entry.post.shape:
+                raise ValueError(
+                    f"{self._where(name)}: pre-corrector shape {tuple(entry.pre.shape)} differs "
+                    f"from post-corrector shape {tuple(entry.post.shape)}; the corrector must "
+                    "keep shapes"
+                )
+            delta, mask = entry.delta, entry.mask
+        if mask is not None and (
+            mask.dtype != torch.bool or not _broadcasts_to(mask.shape, delta.shape)
         ):
             raise ValueError(
-                f"{where}: the mask must be a boolean tensor broadcastable to "
-                f"{tuple(delta.shape)}, got {entry.mask.dtype} of shape "
-                f"{tuple(entry.mask.shape)}"
+                f"{self._where(name)}: the mask must be a boolean tensor broadcastable to "
+                f"{tuple(delta.shape)}, got {mask.dtype} of shape {tuple(mask.shape)}"
             )
         if self._area_weights is not None and not _broadcasts_to(
             self._area_weights.shape, delta.shape
         ):
             raise ValueError(
-                f"{where}: area weights of shape {tuple(self._area_weights.shape)} do not "
-                f"broadcast to the correction's shape {tuple(delta.shape)}"
+                f"{self._where(name)}: area weights of shape {tuple(self._area_weights.shape)} "
+                f"do not broadcast to the correction's shape {tuple(delta.shape)}"
             )
-        return delta, entry.mask
+        return delta, mask
 
     def _detached(self, name: str, why: str) -> None:
         message = (
@@ -543,8 +549,7 @@ class CorrectorPenalty(steadytrain.Plugin):
         for i, corrections in enumerate(self._sets(ctx)):
             if not corrections:
                 continue
-            first = next(iter(corrections.values()))
-            device = (first.pre if isinstance(first, Correction) else first).device
+            device = self._tensor_of(*next(iter(corrections.items()))).device
             plan = self._plan(tuple(corrections), device)
             if not plan.names:
                 continue

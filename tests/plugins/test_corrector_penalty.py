@@ -601,3 +601,71 @@ def test_emulator_example_runs_with_tiny_settings(tmp_path):
     rows = module.main(["--tiny", "--weights", "0", "1", "--out", str(tmp_path)])
     assert [r["weight"] for r in rows] == [0.0, 1.0]
     assert all(math.isfinite(r["val_rmse"]) and r["correction"] >= 0 for r in rows)
+
+
+def test_later_steps_may_carry_a_subset_of_the_first_steps_variables():
+    plugin = CorrectorPenalty(CorrectorPenalty.Config(std={"a": 1.0, "b": 1.0}), exclude=["b"])
+    total = run_once(plugin, [{"a": grad_ones(2), "b": grad_ones(2)}, {"a": 2 * grad_ones(2)}])
+    assert total.item() == pytest.approx(1.0 + 4.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"loss": "relative_l2"}, "loss must be one of"),
+        ({"loss": "area_mse"}, "'area_mse' needs area_weights"),
+    ],
+)
+def test_plain_function_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        corrector_penalty({"a": torch.ones(2)}, {"a": 1.0}, **kwargs)
+
+
+def test_binding_an_object_without_std_is_an_error():
+    with pytest.raises(TypeError, match=r"corrector_penalty: bind\(normalizer=...\) needs"):
+        CorrectorPenalty(CorrectorPenalty.Config()).bind(normalizer=object())
+
+
+def test_a_std_that_is_not_a_positive_scalar_is_an_error():
+    plugin = CorrectorPenalty(CorrectorPenalty.Config()).bind(
+        normalizer=Normalizer({"a": torch.ones(3)}))
+    with pytest.raises(steadytrain.ConfigError, match=r"normalizer's std\['a'\]: .*shape \(3,\)"):
+        run_once(plugin, {"a": grad_ones(2)})
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("stats.json", "[1, 2]", "must hold a mapping of variable names to std"),
+        ("stats.txt", "a = 1", "must be a .json or .pt file"),
+    ],
+)
+def test_a_std_file_of_the_wrong_kind_is_an_error(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    plugin = CorrectorPenalty(CorrectorPenalty.Config(std_file=str(tmp_path / name)))
+    with pytest.raises(steadytrain.ConfigError, match=message):
+        pipeline(plugin)
+
+
+def test_area_weights_with_another_loss_or_shape_are_errors():
+    plugin = CorrectorPenalty(CorrectorPenalty.Config(std={"a": 1.0}))
+    plugin.bind(area_weights=torch.ones(3))
+    with pytest.raises(steadytrain.ConfigError, match="only used by loss 'area_mse'"):
+        run_once(plugin, {"a": grad_ones(3)})
+    plugin = CorrectorPenalty(CorrectorPenalty.Config(loss="area_mse", std={"a": 1.0}))
+    plugin.bind(area_weights=torch.ones(3))
+    with pytest.raises(steadytrain.HookError, match=r"area weights of shape \(3,\) do not"):
+        run_once(plugin, {"a": grad_ones(2)})
+
+
+@pytest.mark.parametrize(
+    ("corrections", "message"),
+    [
+        ([torch.ones(2)], "must hold one mapping of variable → correction per forward step"),
+        ({"a": [1.0, 2.0]}, "expected a Correction or a post − pre tensor, got list"),
+    ],
+)
+def test_corrections_of_the_wrong_type_are_errors(corrections, message):
+    plugin = CorrectorPenalty(CorrectorPenalty.Config(std={"a": 1.0}))
+    with pytest.raises(steadytrain.HookError, match=message):
+        run_once(plugin, corrections)
