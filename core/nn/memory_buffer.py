@@ -88,14 +88,11 @@ class MemoryBuffer(nn.Module):
             )
         key, value = key.reshape(-1, self.dim), value.reshape(-1, self.dim)
         rows = key.shape[0]
-        importance = torch.as_tensor(importance, dtype=self.importance.dtype,
-                                     device=self.importance.device)
-        if importance.numel() not in (1, rows):
+        if isinstance(importance, torch.Tensor) and importance.numel() not in (1, rows):
             raise ValueError(
                 f"{owner}: importance must be a number or have one value per entry ({rows}), "
                 f"got shape {tuple(importance.shape)}"
             )
-        importance = importance.reshape(-1).expand(rows)
         if rows == 0:
             return
         self.age += self.valid
@@ -105,7 +102,13 @@ class MemoryBuffer(nn.Module):
         slots %= self.capacity
         self.keys.index_copy_(0, slots, key[-kept:].to(self.keys))
         self.values.index_copy_(0, slots, value[-kept:].to(self.values))
-        self.importance.index_copy_(0, slots, importance[-kept:])
+        if isinstance(importance, torch.Tensor):
+            importance = importance.detach().to(self.importance).reshape(-1).expand(rows)
+            self.importance.index_copy_(0, slots, importance[-kept:])
+        else:
+            # A number is filled in rather than made a tensor: copying it to the device
+            # would sync the host.
+            self.importance.index_fill_(0, slots, float(importance))
         self.age.index_fill_(0, slots, 0)
         self.access_counts.index_fill_(0, slots, 0)
         self.valid.index_fill_(0, slots, True)
