@@ -55,10 +55,10 @@ Caveats
     Every parameter belongs to exactly one group: patterns of two groups that match the
     same parameter are a config error. Gradients of one instance must be on one device.
     Non-finite gradients make the coefficient NaN, as with ``clip_grad_norm_``: put a
-    non-finite guard before the optimizer step. ``agc`` computes unit norms tensor by
-    tensor (no fused kernel reduces over a dimension), and its post-clip norm costs
-    one more fused pass over the gradients. Under gradient scaling (AMP), unscale
-    before ``after_backward``.
+    non-finite guard before the optimizer step. ``agc`` computes the unit norms of each
+    matrix with a kernel of its own (no fused kernel reduces over a dimension), and its
+    post-clip norm costs one more fused pass over the gradients. Under gradient scaling
+    (AMP), unscale before ``after_backward``.
 """
 
 from __future__ import annotations
@@ -156,10 +156,17 @@ def clip_grad_groups_(
     return norms
 
 
-def _unit_norm(x: torch.Tensor) -> torch.Tensor:
-    if x.ndim <= 1:
-        return torch.linalg.vector_norm(x)
-    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True)
+def _unit_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The norm of every output unit: of each row along dimension 0, or of a whole vector."""
+    # Whole-tensor units (biases, gains) share one fused kernel; rows of a matrix need a
+    # reduction over dimensions, which no foreach kernel does: one kernel per matrix.
+    vectors = [t for t in tensors if t.ndim <= 1]
+    fused = iter(torch._foreach_norm(vectors) if vectors else ())
+    return [
+        next(fused) if t.ndim <= 1
+        else torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), keepdim=True)
+        for t in tensors
+    ]
 
 
 @torch.no_grad()
@@ -176,10 +183,13 @@ def unitwise_clip_grad_(
     if not params:
         return
     grads = [p.grad for p in params]
-    factors = []
-    for param, grad in zip(params, grads, strict=True):
-        limit = _unit_norm(param).clamp_(min=eps).mul_(clipping)
-        factors.append((limit / _unit_norm(grad).clamp_(min=1e-6)).clamp_(max=1.0))
+    factors = _unit_norms(params)
+    grad_norms = _unit_norms(grads)
+    torch._foreach_clamp_min_(factors, eps)
+    torch._foreach_mul_(factors, clipping)
+    torch._foreach_clamp_min_(grad_norms, 1e-6)
+    torch._foreach_div_(factors, grad_norms)
+    torch._foreach_clamp_max_(factors, 1.0)
     torch._foreach_mul_(grads, factors)
 
 
