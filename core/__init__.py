@@ -24,6 +24,7 @@ from .errors import (
     RegistryError,
     SteadytrainError,
     TermError,
+    suggest,
 )
 from .filters import VariableFilter
 from .hookspecs import hookimpl
@@ -62,6 +63,7 @@ __all__ = [
     "schedules",
     "structure_config",
     "structure_options",
+    "suggest",
     "unstructure_config",
     "validators",
 ]

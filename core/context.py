@@ -51,10 +51,36 @@ class Run:
     total_steps: int | None = None
     step: int = 0
     epoch: int = 0
-    skipped_steps: int = 0
     metrics: MetricStore = attrs.Factory(MetricStore)
     taps: dict[str, Any] = attrs.Factory(dict)
     _tap_handles: list[Any] = attrs.Factory(list)
+    _skipped_known: int = 0
+    _skipped_pending: torch.Tensor | None = None
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped so far (reads pending device flags: may sync once)."""
+        if self._skipped_pending is not None:
+            self._skipped_known += int(self._skipped_pending)
+            self._skipped_pending = None
+        return self._skipped_known
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped_known, self._skipped_pending = value, None
+
+    def count_skip(self, outcome: StepOutcome) -> None:
+        """Add a closed step's decision to ``skipped_steps`` without syncing."""
+        if outcome.decided or not outcome.requests:
+            self._skipped_known += int(outcome.skip)
+            return
+        flag = outcome.flag
+        if not isinstance(flag, torch.Tensor):
+            self._skipped_known += int(flag)
+        elif self._skipped_pending is None:
+            self._skipped_pending = flag.to(torch.int64)
+        else:
+            self._skipped_pending = self._skipped_pending + flag
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
@@ -76,7 +102,9 @@ class Run:
 
         Returns the matched module names; during a step, ``ctx.taps[name]`` holds the
         output of module ``name`` from the current micro-batch's forward pass (still part
-        of the graph). A pattern that matches no module is an error naming the plugin.
+        of the graph), or a list of its outputs when the module ran several times. Outside
+        a training step nothing is captured. A pattern that matches no module is an error
+        naming the plugin.
         """
         if self.model is None:
             raise ValueError(f"plugin instance {plugin.key!r} asks for taps but no model is bound")
@@ -95,9 +123,21 @@ class Run:
 
     def _capture(self, name: str) -> Callable[..., None]:
         def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
-            self.taps[name] = output
+            # Only inside a training step: evaluation must not pile up outputs.
+            if _active_step.get() is None:
+                return
+            if name in self.taps:
+                previous = self.taps[name]
+                self.taps[name] = [*previous, output] if isinstance(previous, list) else [
+                    previous, output]
+            else:
+                self.taps[name] = output
 
         return hook
+
+    def log(self, plugin: Plugin, name: str, value: torch.Tensor | float) -> None:
+        """Record a metric ``<instance>/<name>`` from a lifecycle hook; stays on the device."""
+        self.metrics.record(f"{plugin.key}/{name}", value, step=self.step)
 
     def remove_taps(self) -> None:
         for handle in self._tap_handles:
@@ -125,12 +165,18 @@ class StepOutcome:
 
     requests: tuple[SkipRequest, ...] = ()
     _skip: bool | None = None
+    _flag: torch.Tensor | bool | None = None
 
     @property
     def skip(self) -> bool:
         if self._skip is None:
-            self._skip = any(bool(r.when) for r in self.requests)
+            self._skip = bool(self.flag)
         return self._skip
+
+    @property
+    def decided(self) -> bool:
+        """Whether :attr:`skip` was read already (so reading it again costs nothing)."""
+        return self._skip is not None or not self.requests
 
     @property
     def reasons(self) -> list[str]:
@@ -139,16 +185,16 @@ class StepOutcome:
 
     @property
     def flag(self) -> torch.Tensor | bool:
-        flags = [r.when for r in self.requests]
-        tensors = [f for f in flags if isinstance(f, torch.Tensor)]
-        if any(f is True for f in flags):
-            return True
-        if not tensors:
-            return False
-        result = tensors[0].bool()
-        for other in tensors[1:]:
-            result = result | other.bool()
-        return result
+        if self._flag is None:
+            flags = [r.when for r in self.requests]
+            tensors = [f.reshape(()).bool() for f in flags if isinstance(f, torch.Tensor)]
+            if any(not isinstance(f, torch.Tensor) and bool(f) for f in flags):
+                self._flag = True
+            elif not tensors:
+                self._flag = False
+            else:
+                self._flag = tensors[0] if len(tensors) == 1 else torch.stack(tensors).any()
+        return self._flag
 
 
 @attrs.define(eq=False)
@@ -174,8 +220,28 @@ class StepContext:
     outputs: dict[str, Any] = attrs.Factory(dict)
     reported: set[str] = attrs.Factory(set)
     skip_requests: list[SkipRequest] = attrs.Factory(list)
-    skipped: bool = False
+    outcome: StepOutcome | None = None
     instance: str = ""
+    weights: Mapping[str, float] = attrs.Factory(dict)
+
+    @property
+    def weight(self) -> float:
+        """The weight the core applies this step to the running instance's terms."""
+        return self.weights.get(self.instance, 1.0)
+
+    @property
+    def skipped(self) -> bool:
+        """In ``consolidate``: whether the optimizer step was skipped.
+
+        Free when the host already read ``outcome.skip``; otherwise it reads the device
+        flag once (a host sync). Use :attr:`skip_flag` to stay on the device.
+        """
+        return self.outcome is not None and self.outcome.skip
+
+    @property
+    def skip_flag(self) -> torch.Tensor | bool:
+        """The skip decision without a host sync: a bool, or a boolean device tensor."""
+        return False if self.outcome is None else self.outcome.flag
 
     @property
     def model(self) -> torch.nn.Module | None:

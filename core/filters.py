@@ -70,6 +70,8 @@ class VariableFilter:
         default="error", validator=attrs.validators.in_(ON_UNMATCHED)
     )
 
+    matches = staticmethod(matches)
+
     def select(self, names: Iterable[str], *, kind: str = "variable") -> tuple[str, ...]:
         """Return the selected names, in the order given.
 

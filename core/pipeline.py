@@ -347,9 +347,10 @@ class Pipeline:
         if micro_batch == 0 and ctx is None:
             run = self.run
             progress = run.progress
-            ctx = StepContext(run, run.step, run.epoch, progress, num_micro_batches)
             for key, schedule in self._schedules:
                 self._weights[key] = schedule(run.step, progress)
+            ctx = StepContext(run, run.step, run.epoch, progress, num_micro_batches,
+                              weights=self._weights)
             self._ctx = ctx
         elif ctx is None or ctx.micro_batch != micro_batch - 1 or (
             ctx.num_micro_batches != num_micro_batches
@@ -441,12 +442,15 @@ class Pipeline:
         if self._outcome is None:
             raise RuntimeError("consolidate() before after_backward(): call after_backward() "
                                "after the backward pass")
-        ctx.skipped = self._outcome.skip
-        if ctx.skipped:
-            log.warning("step.skipped", step=ctx.step, reasons=self._outcome.reasons)
+        outcome = ctx.outcome = self._outcome
         self._call("consolidate", ctx)
+        # The event needs the decision on the host: log it only when someone read it
+        # already, so that a host stepping without a sync is not made to sync here.
+        if outcome.decided and outcome.skip:
+            log.warning("step.skipped", step=ctx.step, reasons=outcome.reasons)
+        self.run.count_skip(outcome)
         self.run.step += 1
-        self.run.skipped_steps += int(ctx.skipped)
+        self.run.taps.clear()
         self._ctx = self._outcome = None
         _active_step.set(None)
 

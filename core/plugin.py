@@ -39,6 +39,8 @@ class Plugin:
     requires_core: ClassVar[str | None] = None
     #: Whether a regularizer of this plugin needs ``backward(create_graph=True)``.
     needs_create_graph: ClassVar[bool] = False
+    #: Whether ``weight`` may go below zero (turning a penalty into a reward).
+    allows_negative_weight: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -60,6 +62,11 @@ class Plugin:
         self.config = config
         self.key = id or self.name
         self.weight: Schedule = Constant(weight) if isinstance(weight, (int, float)) else weight
+        if self.weight.lowest < 0 and not self.allows_negative_weight:
+            raise ConfigError(
+                f"{self.key}.weight: must be >= 0, got a weight that reaches "
+                f"{self.weight.lowest}; a negative weight rewards what {self.name} penalizes"
+            )
         self.filter = VariableFilter(
             include=tuple(include), exclude=tuple(exclude), owner=self.key,
             on_unmatched=on_unmatched,

@@ -41,6 +41,11 @@ class Constant:
     def __call__(self, step: int, progress: float | None) -> float:
         return self.value
 
+    @property
+    def lowest(self) -> float:
+        """The smallest value the schedule takes."""
+        return self.value
+
 
 @attrs.frozen
 class LinearWarmup:
@@ -54,6 +59,10 @@ class LinearWarmup:
 
     def __call__(self, step: int, progress: float | None) -> float:
         return self.start + (self.value - self.start) * _ramp(step, self.warmup_steps)
+
+    @property
+    def lowest(self) -> float:
+        return min(self.start, self.value)
 
 
 @attrs.frozen
@@ -69,6 +78,10 @@ class CosineWarmup:
     def __call__(self, step: int, progress: float | None) -> float:
         ramp = 0.5 * (1.0 - math.cos(math.pi * _ramp(step, self.warmup_steps)))
         return self.start + (self.value - self.start) * ramp
+
+    @property
+    def lowest(self) -> float:
+        return min(self.start, self.value)
 
 
 @attrs.frozen
@@ -95,6 +108,10 @@ class CosineCurriculum:
         if progress is None:
             raise ValueError("cosine_curriculum needs the run's progress: pass total_steps")
         return self.value * cosine_curriculum(progress)
+
+    @property
+    def lowest(self) -> float:
+        return min(0.0, self.value)
 
 
 def _check_piecewise(inst: Piecewise, _attr: attrs.Attribute, values: tuple[float, ...]) -> None:
@@ -125,6 +142,10 @@ class Piecewise:
     def __call__(self, step: int, progress: float | None) -> float:
         index = sum(1 for b in self.boundaries if step >= b)
         return self.values[index]
+
+    @property
+    def lowest(self) -> float:
+        return min(self.values)
 
 
 Schedule = Union[Constant, LinearWarmup, CosineWarmup, CosineCurriculum, Piecewise]  # noqa: UP007

@@ -67,6 +67,18 @@ def non_negative_int(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
         raise OptionError(attr.name, f"must be an integer >= 0, got {value!r}")
 
 
+def boolean(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
+    """The value is ``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise OptionError(attr.name, f"must be true or false, got {value!r}")
+
+
+def non_empty_str(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
+    """The value is a non-empty string."""
+    if not isinstance(value, str) or not value:
+        raise OptionError(attr.name, f"must be a non-empty string, got {value!r}")
+
+
 def one_of(*choices: Any) -> Validator:
     """The value is one of *choices*."""
 

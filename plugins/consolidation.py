@@ -34,6 +34,7 @@ Caveats
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -43,7 +44,7 @@ import torch
 
 import steadytrain
 from steadytrain.nn import consolidating_modules
-from steadytrain.validators import non_negative_int
+from steadytrain.validators import boolean, non_negative_int
 
 log = structlog.get_logger("steadytrain")
 
@@ -83,7 +84,7 @@ class ScheduledConsolidation(steadytrain.Plugin):
     class Config:
         interval: int = attrs.field(default=500, validator=non_negative_int)
         at_epoch_end: bool = attrs.field(
-            default=False, validator=attrs.validators.instance_of(bool)
+            default=False, validator=boolean
         )
 
         def __attrs_post_init__(self) -> None:
@@ -130,13 +131,7 @@ class ScheduledConsolidation(steadytrain.Plugin):
     @steadytrain.hookimpl
     def on_epoch_end(self, run: steadytrain.Run) -> None:
         if self.config.at_epoch_end and self.last_step != run.step:
-            self._run(run.step, "epoch_end", run, self._recorder(run))
-
-    def _recorder(self, run: steadytrain.Run) -> Record:
-        def record(name: str, value: torch.Tensor | float) -> None:
-            run.metrics.record(f"{self.key}/{name}", value, step=run.step)
-
-        return record
+            self._run(run.step, "epoch_end", run, functools.partial(run.log, self))
 
     def _run(self, step: int, trigger: str, run: steadytrain.Run, record: Record) -> None:
         consolidate_modules(self.modules, record)

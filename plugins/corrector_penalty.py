@@ -251,17 +251,6 @@ def _each_value(check: Callable[[Any, attrs.Attribute, Any], None]) -> Callable[
     return validate
 
 
-def _schedule_values(schedule: Any) -> list[float]:
-    values: list[float] = []
-    for field in attrs.fields(type(schedule)):
-        value = getattr(schedule, field.name)
-        if field.name in ("value", "start"):
-            values.append(value)
-        elif field.name == "values":
-            values.extend(value)
-    return values
-
-
 def _load_table(path: str, owner: str) -> Any:
     try:
         if path.endswith(".json"):
@@ -324,12 +313,6 @@ class CorrectorPenalty(steadytrain.Plugin):
 
     def __init__(self, config: Any = None, **settings: Any) -> None:
         super().__init__(config, **settings)
-        negative = [v for v in _schedule_values(self.weight) if v < 0]
-        if negative:
-            raise steadytrain.ConfigError(
-                f"{self.key}.weight: must be >= 0, got {negative[0]}; a negative weight would "
-                "reward the model for leaning on the corrector"
-            )
         self._normalizer: Normalizer | None = None
         self._file_std: dict[str, Any] = {}
         self._area_weights: torch.Tensor | None = None
@@ -543,7 +526,7 @@ class CorrectorPenalty(steadytrain.Plugin):
     ) -> Mapping[str, torch.Tensor] | None:
         cfg = self.config
         check_grad = self._trainable and torch.is_grad_enabled()
-        weight = self.weight(ctx.step, ctx.progress)
+        weight = ctx.weight
         terms: list[tuple[int, torch.Tensor]] = []
         by_plan: dict[_Plan, list[torch.Tensor]] = {}
         for i, corrections in enumerate(self._sets(ctx)):
@@ -614,8 +597,8 @@ class CorrectorPenalty(steadytrain.Plugin):
         if not self._epoch_count:
             return
         mean = self._epoch_sum / self._epoch_count
-        run.metrics.record(f"{self.key}/epoch", mean[0], step=run.step)
-        run.metrics.record(f"{self.key}/epoch_weighted", mean[1], step=run.step)
+        run.log(self, "epoch", mean[0])
+        run.log(self, "epoch_weighted", mean[1])
         self._epoch_sum.zero_()
         self._epoch_count = 0
 

@@ -45,19 +45,13 @@ Caveats
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import attrs
 import torch
 
 import steadytrain
 from steadytrain.plugins._sources import at_least_float32, reject_filter
-from steadytrain.validators import in_range, optional
-
-
-def _str(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
-    if not isinstance(value, str) or not value:
-        raise steadytrain.OptionError(attr.name, f"must be a non-empty string, got {value!r}")
+from steadytrain.validators import in_range, non_empty_str, optional
 
 
 def label_smoothing_term(
@@ -112,8 +106,8 @@ class LabelSmoothing(steadytrain.Plugin):
             default=0.1, validator=in_range(0.0, 1.0, include_low=True, include_high=True)
         )
         ignore_index: int = -100
-        logits_key: str = attrs.field(default="logits", validator=_str)
-        targets_key: str | None = attrs.field(default=None, validator=optional(_str))
+        logits_key: str = attrs.field(default="logits", validator=non_empty_str)
+        targets_key: str | None = attrs.field(default=None, validator=optional(non_empty_str))
         class_dim: int = -1
 
     @steadytrain.hookimpl

@@ -356,10 +356,20 @@ def test_taps_capture_module_outputs_and_unknown_modules_are_errors(model):
     tapper.patterns = ["#"]
     pipe = Pipeline([tapper]).setup(model, None)
     x = data()[0]
+    hidden, doubled = torch.tanh(model[0](x)), model(2 * x)
     pipe.before_step()
     pipe.compute_loss(model(x).sum())
     assert set(captured) == {"0", "1", "2"}
-    torch.testing.assert_close(captured["1"], torch.tanh(model[0](x)))
+    torch.testing.assert_close(captured["1"], hidden)
+    pipe.after_backward()
+    pipe.consolidate()
+    assert not pipe.run.taps  # released with the step, so the graph is not kept alive
+    model(x)  # outside a step: not captured
+    assert not pipe.run.taps
+    pipe.before_step()
+    pipe.compute_loss(model(x).sum() + model(2 * x).sum())
+    assert [len(captured[n]) for n in ("0", "1", "2")] == [2, 2, 2]
+    torch.testing.assert_close(captured["2"][1], doubled)
     pipe.after_backward()
     pipe.consolidate()
     pipe.close()
@@ -534,3 +544,55 @@ def test_a_step_causes_no_host_sync_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert pipe.metrics()["loss/task"] > 0
+
+
+def test_the_skip_decision_stays_on_the_device_until_someone_reads_it(model):
+    class TensorSkip(steadytrain.Plugin):
+        name = "tensor_skip"
+
+        @hookimpl
+        def after_backward(self, ctx):
+            ctx.request_skip("always", when=torch.ones((), dtype=torch.bool))
+
+    pipe = Pipeline([TensorSkip()]).setup(model, None)
+    for _ in range(3):
+        pipe.before_step()
+        pipe.compute_loss(model(data()[0]).pow(2).mean())
+        outcome = pipe.after_backward()
+        pipe.consolidate()
+        assert not outcome.decided
+    assert pipe.run._skipped_pending is not None
+    assert pipe.run.skipped_steps == 3 and pipe.run._skipped_pending is None
+
+
+def test_negative_weights_are_refused_unless_the_plugin_allows_them():
+    with pytest.raises(steadytrain.ConfigError, match=r"neg\.weight: must be >= 0.*-0\.5"):
+        L2Outputs(id="neg", weight=schedules.LinearWarmup(value=-0.5, warmup_steps=3))
+
+    class Reward(L2Outputs):
+        name = "reward"
+        allows_negative_weight = True
+
+    assert Reward(weight=-1.0).weight.lowest == -1.0
+
+
+def test_plugins_see_their_current_weight_and_can_log_from_lifecycle_hooks(model):
+    seen = []
+
+    class Watcher(steadytrain.Plugin):
+        name = "watcher"
+
+        @hookimpl
+        def compute_regularizers(self, ctx):
+            seen.append(ctx.weight)
+
+        @hookimpl
+        def on_epoch_end(self, run):
+            run.log(self, "epochs", run.epoch + 1)
+
+    pipe = Pipeline([Watcher(weight=schedules.Piecewise((1,), (0.25, 0.75)))])
+    pipe.setup(model, torch.optim.SGD(model.parameters(), lr=0.0))
+    for _ in range(2):
+        one_step(pipe, model, pipe.run.optimizer, *data())
+    pipe.epoch_end()
+    assert seen == [0.25, 0.75] and pipe.metrics()["watcher/epochs"] == 1.0
