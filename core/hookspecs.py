@@ -126,8 +126,10 @@ def compute_regularizers(ctx: StepContext) -> Mapping[str, torch.Tensor] | None:
     weighted terms are recorded as metrics ``reg/<instance>/<term>`` and
     ``reg_weighted/<instance>/<term>``.
 
-    A term that is not a tensor, has more than one element, or is not finite is an
-    error naming the instance and the term.
+    A term that is not a tensor, has more than one element, or is not finite while the
+    task loss is finite is an error naming the instance and the term. (When the task
+    loss itself is not finite the batch or the model broke, and the step is left to a
+    guard plugin or to the host.)
     """
 
 

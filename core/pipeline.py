@@ -394,7 +394,7 @@ class Pipeline:
                 )
             weight = self._weights[key]
             for term, value in terms.items():
-                self._check_term(key, term, value, step)
+                self._check_term(key, term, value, task_loss, step)
                 weighted = value * weight
                 metrics.record(f"reg/{key}/{term}", value, step=step)
                 metrics.record(f"reg_weighted/{key}/{term}", weighted, step=step)
@@ -406,7 +406,9 @@ class Pipeline:
         metrics.record("loss/total", total, step=step)
         return total
 
-    def _check_term(self, key: str, term: str, value: Any, step: int) -> None:
+    def _check_term(
+        self, key: str, term: str, value: Any, task_loss: torch.Tensor | None, step: int
+    ) -> None:
         where = f"plugin instance {key!r}, term {term!r}, step {step}"
         if not isinstance(value, torch.Tensor):
             raise TermError(f"{where}: a term must be a tensor, got {type(value).__name__}")
@@ -418,7 +420,13 @@ class Pipeline:
         eager = self.finite_check == "step" or (
             self.finite_check == "auto" and value.device.type == "cpu"
         )
-        if eager and not bool(torch.isfinite(value.detach()).all()):
+        # A non-finite task loss means the batch or the model broke, not this plugin: the
+        # step is left to a guard (or to the host), as it would be without regularizers.
+        if (
+            eager
+            and not bool(torch.isfinite(value.detach()).all())
+            and (task_loss is None or bool(torch.isfinite(task_loss.detach()).all()))
+        ):
             raise TermError(f"{where}: the term is {value.item()}, not finite")
 
     def after_backward(self) -> StepOutcome:
@@ -461,7 +469,8 @@ class Pipeline:
         store = self.run.metrics
         values = store.compute()
         bad = [n for n, v in values.items() if n.startswith("reg/") and not math.isfinite(v)]
-        if bad and self.finite_check != "step":
+        task_broke = not math.isfinite(values.get("loss/task", 0.0))
+        if bad and not task_broke and self.finite_check != "step":
             window = f"steps {store.first_step}..{store.last_step}"
             raise TermError(
                 f"non-finite regularizer term(s) {', '.join(bad)} during {window}; set "

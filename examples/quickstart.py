@@ -3,8 +3,10 @@
     python examples/quickstart.py [CONFIG]      # default: examples/quickstart.toml
 
 A small MLP learns to separate two interleaved spirals. The pipeline's plugins come from
-the config file; every epoch prints the metrics they recorded, and the final evaluation
-runs inside ``pipe.evaluating()`` so that a weight-averaging plugin evaluates its average.
+the config file; every epoch prints a few of the metrics they recorded. One batch of
+epoch 3 is corrupted with a NaN, as a broken record in a data set would be: the guard
+skips that step instead of letting the NaN into the weights. The final evaluation runs
+both outside and inside ``pipe.evaluating()``, where the EMA plugin swaps its average in.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ def spirals(n: int, noise: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, to
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", default=HERE / "quickstart.toml")
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=25)
+    parser.add_argument("--corrupt-epoch", type=int, default=3,
+                        help="epoch whose 5th batch gets a NaN input (-1: none)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -44,14 +48,19 @@ def main() -> None:
         torch.nn.Linear(2, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
         torch.nn.Linear(64, 2),
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     batches = list(zip(x.split(64), y.split(64), strict=True))
 
     pipe = steadytrain.Pipeline.from_config(args.config)
     pipe.setup(model, optimizer, total_steps=args.epochs * len(batches))
+    shown = ("loss/task", "loss/total", "grad_norm/norm", "guard/skipped",
+             "stability_monitor/loss_oscillation")
     for epoch in range(args.epochs):
         pipe.epoch_start(epoch)
-        for xb, yb in batches:
+        for index, (xb, yb) in enumerate(batches):
+            if epoch == args.corrupt_epoch and index == 4:
+                xb = xb.clone()
+                xb[0, 0] = float("nan")
             pipe.before_step(batch=xb, targets=yb)
             logits = model(xb)
             loss = pipe.compute_loss(F.cross_entropy(logits, yb), outputs={"logits": logits})
@@ -62,12 +71,20 @@ def main() -> None:
             optimizer.zero_grad()
         pipe.epoch_end()
         metrics = pipe.metrics()
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
-        print(f"epoch {epoch:2d}: {shown}")
-    with torch.no_grad(), pipe.evaluating():
-        accuracy = (model(x_val).argmax(1) == y_val).float().mean().item()
+        print(f"epoch {epoch:2d}: " + ", ".join(
+            f"{k}={metrics[k]:.4g}" for k in shown if k in metrics))
+
+    def accuracy() -> float:
+        with torch.no_grad():
+            return (model(x_val).argmax(1) == y_val).float().mean().item()
+
+    trained = accuracy()
+    with pipe.evaluating():
+        averaged = accuracy()
+    print(f"skipped steps: {pipe.run.skipped_steps} of {pipe.run.step}")
+    print(f"validation accuracy: {trained:.3f} (trained weights), {averaged:.3f} "
+          "(inside pipe.evaluating(), with the plugins' evaluation weights)")
     pipe.close()
-    print(f"validation accuracy: {accuracy:.3f}")
 
 
 if __name__ == "__main__":

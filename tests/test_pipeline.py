@@ -596,3 +596,16 @@ def test_plugins_see_their_current_weight_and_can_log_from_lifecycle_hooks(model
         one_step(pipe, model, pipe.run.optimizer, *data())
     pipe.epoch_end()
     assert seen == [0.25, 0.75] and pipe.metrics()["watcher/epochs"] == 1.0
+
+
+def test_non_finite_terms_of_a_non_finite_task_loss_are_left_to_the_guard(model):
+    pipe = Pipeline([L2Outputs()]).setup(model, None)
+    x, y = data()
+    x[0, 0] = float("nan")
+    pipe.before_step()
+    pred = model(x)
+    loss = pipe.compute_loss(torch.nn.functional.mse_loss(pred, y), outputs={"pred": pred})
+    assert torch.isnan(loss)
+    pipe.after_backward()
+    pipe.consolidate()
+    assert math.isnan(pipe.metrics()["reg/l2_outputs/l2"])
