@@ -103,6 +103,11 @@ def bench_ema(model: torch.nn.Module, device: str, repeat: int) -> dict[str, flo
     pipe = steadytrain.Pipeline([plugin]).setup(model)
     plugin.update()  # the first update copies; time the averaging ones
     results["steadytrain ema"] = timed(plugin.update, device, repeat)
+    keep = torch.tensor(False, device=device)
+    results["steadytrain ema, device-side skip flag"] = timed(
+        lambda: plugin.update(skip=keep), device, repeat
+    )
+    assert plugin.num_updates > 0  # reads the device-side count: back to plain updates
 
     shadow = [p.detach().clone() for p in params]
     weights = [p.detach() for p in params]  # as every EMA does: no autograd bookkeeping
@@ -242,6 +247,7 @@ def check_no_host_sync() -> str:
                 ctx.instance = clip.key
                 clip.after_backward(ctx)
             ema.update()
+            ema.update(skip=torch.tensor(False, device="cuda"))
             clip_grad_groups_([list(model[0].parameters()), list(model[1].parameters())],
                               [0.5, 1.0])
         ema.on_eval_start()

@@ -37,14 +37,17 @@ Caveats
     Averaging starts at ``start_step``: the update at that step copies the weights, so the
     shadow holds nothing of earlier weights. Before the first update, evaluation and
     :meth:`EMA.averaged_state_dict` use the training weights. Skipped optimizer steps do
-    not update the average. The shadow has the dtype of its parameter: keep float32
-    master weights (as mixed-precision training does), since a bfloat16 shadow cannot
-    hold an update of ``(1 − decay)·Δ``. ``swap = "auto"`` exchanges tensor storage
-    (``param.data``) for evaluation, which moves no bytes but changes the parameters'
-    data pointers; use ``swap = "copy"`` for models captured in CUDA graphs. With
-    ``device = "cpu"`` each update copies the selected weights to the host (a
-    host-device sync on an accelerator) and the host keeps a second copy as staging.
-    Integer buffers are not averaged: evaluation uses the model's own.
+    not update the average; when the host has not read the skip decision (it is still a
+    device tensor), the update is masked on the device instead of waiting for it, at the
+    cost of a few scalar kernels and a per-tensor weight in the lerp. The shadow has the
+    dtype of its parameter: keep float32 master weights (as mixed-precision training
+    does), since a bfloat16 shadow cannot hold an update of ``(1 − decay)·Δ``.
+    ``swap = "auto"`` exchanges tensor storage (``param.data``) for evaluation, which
+    moves no bytes but changes the parameters' data pointers; use ``swap = "copy"`` for
+    models captured in CUDA graphs. With ``device = "cpu"`` each update copies the
+    selected weights to the host (a host-device sync on an accelerator) and the host
+    keeps a second copy as staging. Integer buffers are not averaged: evaluation uses the
+    model's own.
 """
 
 from __future__ import annotations
@@ -86,6 +89,8 @@ class EMA(steadytrain.Plugin):
     """Exponential moving average of the weights, swapped in for evaluation."""
 
     name = "ema"
+    # Read by pluggy's scan of the instance at registration, before setup.
+    _count: int | torch.Tensor = 0
 
     @attrs.frozen
     class Config:
@@ -130,29 +135,81 @@ class EMA(steadytrain.Plugin):
         self._staging = [torch.empty_like(t) for t in self.shadow] if moves else None
         self._by_pointer = self.config.swap == "auto" and not moves
         self._backup: list[torch.Tensor] | None = None
-        self.num_updates = 0
+        # A plain count while every skip decision is known on the host; a device tensor
+        # once an update was masked by a device-side skip flag.
+        self._count = 0
+        self._weights: dict[torch.dtype, torch.Tensor] = {}
+        self._weight_views: list[torch.Tensor] = []
         self._swapped = False
+
+    @property
+    def num_updates(self) -> int:
+        """Averaging updates applied so far (reads a device-side count once: may sync)."""
+        if isinstance(self._count, torch.Tensor):
+            self._count = int(self._count)
+        return self._count
 
     @steadytrain.hookimpl
     def consolidate(self, ctx: steadytrain.StepContext) -> None:
         start, every = self.config.start_step, self.config.every
-        if ctx.skipped or ctx.step < start or (ctx.step - start) % every:
+        if ctx.step < start or (ctx.step - start) % every:
             return
-        self.update()
+        # A decision the host already read costs nothing; an unread one stays on the device.
+        decided = ctx.outcome is None or ctx.outcome.decided
+        skip = ctx.skipped if decided else ctx.skip_flag
+        if isinstance(skip, torch.Tensor):
+            self.update(skip=skip)
+        elif not skip:
+            self.update()
 
     @torch.no_grad()
-    def update(self) -> None:
-        """Average the current weights into the shadow (what ``consolidate`` calls)."""
+    def update(self, skip: torch.Tensor | None = None) -> None:
+        """Average the current weights into the shadow (what ``consolidate`` calls).
+
+        *skip*, a boolean device tensor, leaves the average as it is where it holds,
+        decided on the device: the host does not wait for the flag.
+        """
         current = self._targets
         if self._staging is not None:
             torch._foreach_copy_(self._staging, current)
             current = self._staging
-        if self.num_updates == 0:
+        if skip is not None or isinstance(self._count, torch.Tensor):
+            self._masked_update(current, skip)
+        elif self._count == 0:
             torch._foreach_copy_(self.shadow, current)
+            self._count = 1
         else:
-            decay = ema_decay(self.config.decay, self.num_updates, warmup=self.config.warmup)
+            decay = ema_decay(self.config.decay, self._count, warmup=self.config.warmup)
             ema_update_(self.shadow, current, decay)
-        self.num_updates += 1
+            self._count += 1
+
+    def _masked_update(self, current: list[torch.Tensor], skip: torch.Tensor | None) -> None:
+        """The update with its weight computed on the device: ``(1 − decay_n)·(not skip)``."""
+        device = self.shadow[0].device
+        if not self._weights:
+            # One 0-d weight per dtype, seen through views shaped like each shadow tensor:
+            # the masked update is then one foreach call with a weight list.
+            self._weights = {t.dtype: torch.zeros((), dtype=t.dtype, device=device)
+                             for t in self.shadow}
+            self._weight_views = [self._weights[t.dtype].expand_as(t) for t in self.shadow]
+        count = self._count
+        if not isinstance(count, torch.Tensor):
+            # A fill, not a copy from host memory.
+            count = torch.full((), count, dtype=torch.int64, device=device)
+        n = count.to(torch.float64)
+        if self.config.warmup:
+            decay = ((1 + n) / (10 + n)).clamp(max=self.config.decay)
+        else:
+            decay = torch.full_like(n, self.config.decay)
+        # Weight 1 on the first update: lerp returns the weights exactly, a copy.
+        decay = torch.where(n == 0, torch.zeros_like(decay), decay)
+        keep = torch.ones_like(count) if skip is None else (~skip.reshape(()).bool()).to(
+            device, torch.int64)
+        weight = (1 - decay) * keep
+        for buffer in self._weights.values():
+            buffer.copy_(weight)
+        torch._foreach_lerp_(self.shadow, current, self._weight_views)
+        self._count = count + keep
 
     # -- evaluation -------------------------------------------------------------------
 
@@ -240,4 +297,4 @@ class EMA(steadytrain.Plugin):
                     f"checkpoint but {tuple(mine.shape)} in the model"
                 )
         torch._foreach_copy_(self._averages(), saved)
-        self.num_updates = int(state["num_updates"])
+        self._count = int(state["num_updates"])

@@ -17,7 +17,7 @@ def make_model() -> torch.nn.Module:
 
 
 class SkipAt(steadytrain.Plugin):
-    """Asks the host to skip the optimizer step at the given steps."""
+    """Asks the host to skip the optimizer step at the given steps, with a tensor flag."""
 
     name = "skip_at"
 
@@ -27,12 +27,15 @@ class SkipAt(steadytrain.Plugin):
 
     @steadytrain.hookimpl
     def after_backward(self, ctx):
-        if ctx.step in self.steps:
-            ctx.request_skip("test", when=torch.tensor(True))
+        ctx.request_skip("test", when=torch.tensor(ctx.step in self.steps))
 
 
-def train(pipe, model, steps, *, on_step=None, opt=None, seed=1):
-    """A plain host loop; returns the optimizer so a run can be continued."""
+def train(pipe, model, steps, *, on_step=None, opt=None, seed=1, skips=None):
+    """A plain host loop; returns the optimizer so a run can be continued.
+
+    With *skips*, the host knows the steps to skip and never reads the pipeline's
+    decision, which then reaches ``consolidate`` as a tensor.
+    """
     opt = opt or torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     if not pipe._is_setup:
         pipe.setup(model, opt, total_steps=100)
@@ -43,7 +46,8 @@ def train(pipe, model, steps, *, on_step=None, opt=None, seed=1):
         pipe.before_step()
         loss = pipe.compute_loss(model(x).pow(2).mean())
         loss.backward()
-        if not pipe.after_backward().skip:
+        outcome = pipe.after_backward()
+        if not (pipe.run.step in skips if skips is not None else outcome.skip):
             opt.step()
         pipe.consolidate()
         opt.zero_grad()
@@ -109,15 +113,8 @@ def test_matches_averaged_model_with_ema_fn():
 
 def test_warmup_matches_averaged_model_counting_updates():
     config = EMA.Config(decay=0.95, warmup=True)
-
-    def warmup_fn(averaged, current, num_averaged):
-        # AveragedModel copies on its first call, so num_averaged counts from 1 here,
-        # as the plugin's n does for its first averaging update.
-        decay = min(0.95, (1 + num_averaged) / (10 + num_averaged))
-        torch._foreach_lerp_(averaged, current, 1 - decay)
-
     _, plugin, _ = ema_run(config, 40)
-    assert_matches(plugin, reference_run(config, 40, range(40), warmup_fn))
+    assert_matches(plugin, reference_run(config, 40, range(40), warmup_fn(0.95)))
 
 
 def test_every_and_start_step_select_the_update_steps():
@@ -127,18 +124,37 @@ def test_every_and_start_step_select_the_update_steps():
     assert plugin.num_updates == 4
 
 
-def test_skipped_steps_do_not_update_the_average():
-    config = EMA.Config(decay=0.8, warmup=False)
-    _, plugin, _ = ema_run(config, 8, skip={2, 5})
-    averaged = AveragedModel(make_model(), multi_avg_fn=get_ema_multi_avg_fn(0.8))
+def warmup_fn(decay):
+    def update(averaged, current, num_averaged):
+        # AveragedModel copies on its first call, so num_averaged counts from 1 here,
+        # as the plugin's n does for its first averaging update.
+        torch._foreach_lerp_(
+            averaged, current, 1 - min(decay, (1 + num_averaged) / (10 + num_averaged))
+        )
+
+    return update
+
+
+@pytest.mark.parametrize("host_reads_decision", [True, False])
+@pytest.mark.parametrize("warmup", [False, True])
+def test_skipped_steps_do_not_update_the_average(host_reads_decision, warmup):
+    config = EMA.Config(decay=0.8, warmup=warmup)
     model = make_model()
+    plugin = EMA(config)
+    pipe = steadytrain.Pipeline([SkipAt({0, 2, 5}), plugin])
+    train(pipe, model, 8, skips=None if host_reads_decision else {0, 2, 5})
+    # The count stays on the device (no sync) exactly when the host left the decision there.
+    assert isinstance(plugin._count, torch.Tensor) is not host_reads_decision
+    fn = warmup_fn(0.8) if warmup else get_ema_multi_avg_fn(0.8)
+    averaged = AveragedModel(make_model(), multi_avg_fn=fn)
+    reference = make_model()
 
     def on_step(step):
-        if step not in {2, 5}:
-            averaged.update_parameters(model)
+        if step not in {0, 2, 5}:
+            averaged.update_parameters(reference)
 
-    train(steadytrain.Pipeline([SkipAt({2, 5})]), model, 8, on_step=on_step)
-    assert plugin.num_updates == 6
+    train(steadytrain.Pipeline([SkipAt({0, 2, 5})]), reference, 8, on_step=on_step)
+    assert plugin.num_updates == 5
     assert_matches(plugin, averaged)
 
 
