@@ -21,12 +21,12 @@ Hyperparameters
     ``buffers`` false, ``device`` ``"same"`` (or ``"cpu"`` to save accelerator memory),
     ``swap`` ``"auto"``.
 
-    .. code-block:: toml
-
-        [[plugins]]
-        plugin = "ema"
-        decay = 0.999
-        include = ["encoder.*"]
+    ```toml
+    [[plugins]]
+    plugin = "ema"
+    decay = 0.999
+    include = ["encoder.*"]
+    ```
 
 Source
     Polyak & Juditsky (1992), "Acceleration of stochastic approximation by averaging";
@@ -36,7 +36,7 @@ Source
 Caveats
     Averaging starts at ``start_step``: the update at that step copies the weights, so the
     shadow holds nothing of earlier weights. Before the first update, evaluation and
-    :meth:`EMA.averaged_state_dict` use the training weights. Skipped optimizer steps do
+    ``EMA.averaged_state_dict()`` use the training weights. Skipped optimizer steps do
     not update the average; when the host has not read the skip decision (it is still a
     device tensor), the update is masked on the device instead of waiting for it, at the
     cost of a few scalar kernels and a per-tensor weight in the lerp. The shadow has the

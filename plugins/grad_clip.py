@@ -35,12 +35,14 @@ When to use it
 
 Hyperparameters
     Default group: ``max_norm`` 1.0, ``norm_type`` 2.0. The memory-model document
-    (seed 000) clips memory parameters at 0.5 and the rest at 1.0::
+    (seed 000) clips memory parameters at 0.5 and the rest at 1.0:
 
-        [[plugins]]
-        plugin = "grad_clip"
-        max_norm = 1.0
-        groups = [{name = "memory", include = ["*memory*"], max_norm = 0.5}]
+    ```toml
+    [[plugins]]
+    plugin = "grad_clip"
+    max_norm = 1.0
+    groups = [{name = "memory", include = ["*memory*"], max_norm = 0.5}]
+    ```
 
     ``adaptive``: ``factor`` 2.0, ``beta`` 0.99, ``warmup`` 10 steps. ``agc``: ``clipping``
     0.01 (Brock et al.'s value for large batches; up to about 0.16 for small ones) and
