@@ -263,6 +263,19 @@ class StepContext:
     def is_last_micro_batch(self) -> bool:
         return self.micro_batch == self.num_micro_batches - 1
 
+    def output(self, name: str, *, option: str) -> Any:
+        """``outputs[name]``, or an error naming the running instance's *option* and the
+        outputs this step has."""
+        try:
+            return self.outputs[name]
+        except KeyError:
+            present = ", ".join(sorted(self.outputs)) or "(none)"
+            raise ValueError(
+                f"{self.instance}.{option}: no output {name!r} in this step; the outputs "
+                f"are: {present}. Report it from the model with steadytrain.report({name!r}, "
+                f"tensor), pass it to compute_loss(outputs=...), or set {option}."
+            ) from None
+
     def log(self, name: str, value: torch.Tensor | float) -> None:
         """Record a scalar metric as ``<instance>/<name>``; stays on the device."""
         self.run.metrics.record(f"{self.instance}/{name}", value, step=self.step)

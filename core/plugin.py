@@ -90,6 +90,15 @@ class Plugin:
                 f"checkpoint has {sorted(state)}"
             )
 
+    def check_state(self, state: Mapping[str, Any], keys: Iterable[str]) -> None:
+        """Raise :class:`CheckpointError` naming this instance unless *state* has *keys*."""
+        expected = sorted(keys)
+        if sorted(state) != expected:
+            raise CheckpointError(
+                f"plugin instance {self.key!r} ({self.name}): the checkpoint state has keys "
+                f"{sorted(state)}, expected {expected}; was it saved by another version?"
+            )
+
     def parameters(self) -> Iterable[torch.nn.Parameter]:
         """Learnable parameters the plugin owns; the host adds them to its optimizer."""
         return ()

@@ -48,17 +48,20 @@ class Constant:
 
 
 @attrs.frozen
-class LinearWarmup:
-    """Linear ramp from ``start`` to ``value`` over ``warmup_steps`` steps, then constant."""
+class _Warmup:
+    """A ramp from ``start`` to ``value`` over ``warmup_steps`` steps, then constant."""
 
-    kind: ClassVar[str] = "linear_warmup"
     needs_progress: ClassVar[bool] = False
     value: float = attrs.field(validator=finite)
     warmup_steps: int = attrs.field(validator=positive_int)
     start: float = attrs.field(default=0.0, validator=finite)
 
     def __call__(self, step: int, progress: float | None) -> float:
-        return self.start + (self.value - self.start) * _ramp(step, self.warmup_steps)
+        return self.start + (self.value - self.start) * self.shape(_ramp(step, self.warmup_steps))
+
+    @staticmethod
+    def shape(fraction: float) -> float:
+        raise NotImplementedError
 
     @property
     def lowest(self) -> float:
@@ -66,22 +69,25 @@ class LinearWarmup:
 
 
 @attrs.frozen
-class CosineWarmup:
+class LinearWarmup(_Warmup):
+    """Linear ramp from ``start`` to ``value`` over ``warmup_steps`` steps, then constant."""
+
+    kind: ClassVar[str] = "linear_warmup"
+
+    @staticmethod
+    def shape(fraction: float) -> float:
+        return fraction
+
+
+@attrs.frozen
+class CosineWarmup(_Warmup):
     """Half-cosine ramp from ``start`` to ``value`` over ``warmup_steps`` steps."""
 
     kind: ClassVar[str] = "cosine_warmup"
-    needs_progress: ClassVar[bool] = False
-    value: float = attrs.field(validator=finite)
-    warmup_steps: int = attrs.field(validator=positive_int)
-    start: float = attrs.field(default=0.0, validator=finite)
 
-    def __call__(self, step: int, progress: float | None) -> float:
-        ramp = 0.5 * (1.0 - math.cos(math.pi * _ramp(step, self.warmup_steps)))
-        return self.start + (self.value - self.start) * ramp
-
-    @property
-    def lowest(self) -> float:
-        return min(self.start, self.value)
+    @staticmethod
+    def shape(fraction: float) -> float:
+        return 0.5 * (1.0 - math.cos(math.pi * fraction))
 
 
 @attrs.frozen

@@ -140,14 +140,7 @@ class TensorRegularizer(steadytrain.Plugin):
         if self.config.taps:
             return [(f"tap {name!r}", self._tap_output(ctx, name)) for name in self._modules]
         key = self.config.key
-        if key not in ctx.outputs:
-            present = ", ".join(sorted(ctx.outputs)) or "(none)"
-            raise ValueError(
-                f"{self.key}.key: no output {key!r} in this step; the outputs are: {present}. "
-                f"Report it from the model with steadytrain.report({key!r}, tensor), pass it "
-                "to compute_loss(outputs=...), or set key (or taps) to where it is."
-            )
-        value = ctx.outputs[key]
+        value = ctx.output(key, option="key")
         values = list(value) if isinstance(value, (list, tuple)) else [value]
         if not values:
             raise ValueError(f"{self.key}.key: outputs[{key!r}] is an empty list")

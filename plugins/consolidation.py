@@ -147,11 +147,7 @@ class ScheduledConsolidation(steadytrain.Plugin):
         return {"last_step": self.last_step, "pending": self.pending, "runs": self.runs}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if set(state) != {"last_step", "pending", "runs"}:
-            raise steadytrain.CheckpointError(
-                f"plugin instance {self.key!r} ({self.name}): expected the state keys "
-                f"last_step, pending and runs, got {sorted(state)}"
-            )
+        self.check_state(state, ("last_step", "pending", "runs"))
         self.last_step = state["last_step"]
         self.pending = state["pending"]
         self.runs = state["runs"]

@@ -504,13 +504,7 @@ class CorrectorPenalty(steadytrain.Plugin):
 
     def _sets(self, ctx: steadytrain.StepContext) -> list[Mapping[str, Any]]:
         source = self.config.source
-        if source not in ctx.outputs:
-            raise ValueError(
-                f"{self.key}.source: the step has no outputs[{source!r}] (outputs: "
-                f"{', '.join(sorted(ctx.outputs)) or 'none'}); record corrections with "
-                f"apply_corrector(..., source={source!r}) or pass outputs={{{source!r}: ...}}"
-            )
-        sets = ctx.outputs[source]
+        sets = ctx.output(source, option="source")
         sets = sets if isinstance(sets, list) else [sets]
         for entry in sets:
             if not isinstance(entry, Mapping):
@@ -611,10 +605,6 @@ class CorrectorPenalty(steadytrain.Plugin):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if set(state) != {"epoch_sum", "epoch_count"}:
-            raise steadytrain.CheckpointError(
-                f"plugin instance {self.key!r} ({self.name}) expects epoch_sum and "
-                f"epoch_count in its checkpoint state, got {sorted(state)}"
-            )
+        self.check_state(state, ("epoch_sum", "epoch_count"))
         self._epoch_sum = state["epoch_sum"].clone()
         self._epoch_count = int(state["epoch_count"])

@@ -368,12 +368,7 @@ class Guard(steadytrain.Plugin):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        expected = set(self.state_dict())
-        if set(state) != expected:
-            raise steadytrain.CheckpointError(
-                f"plugin instance {self.key!r} (guard): checkpoint keys {sorted(state)} are not "
-                f"the guard's {sorted(expected)}"
-            )
+        self.check_state(state, self.state_dict())
         if state["history"].shape != self.history.shape:
             raise steadytrain.CheckpointError(
                 f"{self.key}.window: the checkpoint holds {state['history'].numel()} losses "

@@ -129,14 +129,7 @@ class LabelSmoothing(steadytrain.Plugin):
 
     def _logits(self, ctx: steadytrain.StepContext) -> torch.Tensor:
         key = self.config.logits_key
-        if key not in ctx.outputs:
-            present = ", ".join(sorted(ctx.outputs)) or "(none)"
-            raise ValueError(
-                f"{self.key}.logits_key: no output {key!r} in this step; the outputs are: "
-                f"{present}. Pass compute_loss(..., outputs={{{key!r}: logits}}) or set "
-                "logits_key."
-            )
-        logits = ctx.outputs[key]
+        logits = ctx.output(key, option="logits_key")
         if not isinstance(logits, torch.Tensor):
             raise ValueError(
                 f"{self.key}.logits_key: outputs[{key!r}] is a {type(logits).__name__}, "

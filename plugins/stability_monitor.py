@@ -216,11 +216,7 @@ class StabilityMonitor(steadytrain.Plugin):
                 "steps": self.steps}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if set(state) != {"losses", "peak_grad_norm", "steps"}:
-            raise steadytrain.CheckpointError(
-                f"plugin instance {self.key!r} (stability_monitor): checkpoint keys "
-                f"{sorted(state)} are not losses, peak_grad_norm, steps"
-            )
+        self.check_state(state, ("losses", "peak_grad_norm", "steps"))
         if state["losses"].shape != self.losses.shape:
             raise steadytrain.CheckpointError(
                 f"{self.key}.window: the checkpoint holds {state['losses'].numel()} losses "

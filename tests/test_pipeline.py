@@ -609,3 +609,27 @@ def test_non_finite_terms_of_a_non_finite_task_loss_are_left_to_the_guard(model)
     pipe.after_backward()
     pipe.consolidate()
     assert math.isnan(pipe.metrics()["reg/l2_outputs/l2"])
+
+
+def test_a_missing_output_is_an_error_naming_instance_option_and_present_outputs(model):
+    class NeedsGates(steadytrain.Plugin):
+        name = "needs_gates"
+
+        @hookimpl
+        def compute_regularizers(self, ctx):
+            return {"g": ctx.output("gates", option="key").mean()}
+
+    pipe = Pipeline([NeedsGates(id="gate_reg")]).setup(model, None)
+    pipe.before_step()
+    with pytest.raises(steadytrain.HookError, match=r"gate_reg\.key: no output 'gates' in this "
+                       r"step; the outputs are: logits, pred\. Report it"):
+        pipe.compute_loss(torch.zeros(()), outputs={"pred": torch.ones(()),
+                                                    "logits": torch.ones(())})
+
+
+def test_check_state_names_the_instance_and_the_keys():
+    plugin = L2Outputs(id="mine")
+    plugin.check_state({"a": 1, "b": 2}, ("b", "a"))
+    with pytest.raises(steadytrain.CheckpointError, match=r"'mine' \(l2_outputs\).*\['a'\], "
+                       r"expected \['a', 'b'\]"):
+        plugin.check_state({"a": 1}, ("a", "b"))
