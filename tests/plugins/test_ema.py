@@ -292,6 +292,15 @@ def test_checkpoint_with_other_tensors_is_refused():
         other.load_state_dict(plugin.state_dict())
 
 
+def test_checkpoint_with_other_shapes_is_refused():
+    _, plugin, _ = ema_run(EMA.Config(), 2, include=["0.weight"])
+    state = plugin.state_dict()
+    state["shadow"] = {"0.weight": torch.zeros(3, 3)}
+    with pytest.raises(steadytrain.CheckpointError,
+                       match=r"ema: shadow of '0\.weight' has shape \(3, 3\) in the checkpoint"):
+        plugin.load_state_dict(state)
+
+
 def test_configured_from_toml():
     text = """
     [[plugins]]

@@ -260,6 +260,14 @@ def test_adaptive_checkpoint_with_other_groups_is_refused():
         other.load_state_dict(pipe.plugins["grad_clip"].state_dict())
 
 
+def test_state_for_a_plugin_without_state_is_refused():
+    plugin = GradClip()
+    steadytrain.Pipeline([plugin]).setup(Net())
+    assert plugin.state_dict() == {}
+    with pytest.raises(steadytrain.CheckpointError, match=r"'grad_clip' .* keeps no state"):
+        plugin.load_state_dict({"mean": torch.zeros(1), "seen": 3, "groups": ["default"]})
+
+
 def test_configured_from_toml():
     text = """
     [[plugins]]
