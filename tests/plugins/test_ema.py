@@ -37,7 +37,7 @@ def train(pipe, model, steps, *, on_step=None, opt=None, seed=1, skips=None):
     decision, which then reaches ``consolidate`` as a tensor.
     """
     opt = opt or torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    if not pipe._is_setup:
+    if pipe.run.model is None:
         pipe.setup(model, opt, total_steps=100)
     for _ in range(steps):
         # The batch depends on the step alone, so a resumed run sees the same data.
