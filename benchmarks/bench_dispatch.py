@@ -14,6 +14,7 @@ import argparse
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import structlog
 import torch
@@ -74,13 +75,12 @@ def dispatch_cost(n: int, steps: int, repeats: int) -> float:
     return time_per_step(step, steps, repeats)
 
 
-def model_step_cost(n: int | None, steps: int, repeats: int) -> float:
-    """One SGD step of a small MLP; ``n`` None is the bare loop, else ``n`` no-op plugins."""
+def small_model_steps() -> dict[str, Callable[[], None]]:
+    """One SGD step of a small MLP: bare, and through pipelines of 0 and 10 no-op plugins."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x, y = torch.randn(64, 32), torch.randn(64, 1)
-    pipe = None if n is None else noop_pipeline(n, model)
 
     def bare() -> None:
         loss = torch.nn.functional.mse_loss(model(x), y)
@@ -88,16 +88,30 @@ def model_step_cost(n: int | None, steps: int, repeats: int) -> float:
         opt.step()
         opt.zero_grad()
 
-    def piped() -> None:
-        pipe.before_step()
-        loss = pipe.compute_loss(torch.nn.functional.mse_loss(model(x), y))
-        loss.backward()
-        if not pipe.after_backward().skip:
-            opt.step()
-        pipe.consolidate()
-        opt.zero_grad()
+    def piped(pipe: Pipeline) -> Callable[[], None]:
+        def step() -> None:
+            pipe.before_step()
+            loss = pipe.compute_loss(torch.nn.functional.mse_loss(model(x), y))
+            loss.backward()
+            if not pipe.after_backward().skip:
+                opt.step()
+            pipe.consolidate()
+            opt.zero_grad()
 
-    return time_per_step(bare if pipe is None else piped, steps, repeats)
+        return step
+
+    return {"bare loop": bare,
+            "pipeline, 0 no-op plugins": piped(noop_pipeline(0, model)),
+            "pipeline, 10 no-op plugins": piped(noop_pipeline(10, model))}
+
+
+def interleaved(steps: dict[str, Callable[[], None]], n: int, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each step, the variants timed in turn to share the noise."""
+    runs: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            runs[name].append(time_per_step(step, n, 1))
+    return {name: statistics.median(times) for name, times in runs.items()}
 
 
 def main() -> None:
@@ -114,15 +128,14 @@ def main() -> None:
     print("| ---: | ---: |")
     for n in (0, 1, 10, 50):
         print(f"| {n} | {dispatch_cost(n, args.steps, args.repeats) * 1e6:.1f} |")
-    bare = model_step_cost(None, args.steps // 2, args.repeats)
+    costs = interleaved(small_model_steps(), args.steps // 4, args.repeats * 3)
+    bare = costs.pop("bare loop")
     print("\n| small MLP step (64×32 → 64 → 1, SGD) | µs | overhead vs bare |")
     print("| --- | ---: | ---: |")
     print(f"| bare loop | {bare * 1e6:.1f} | |")
-    for n in (0, 10):
-        cost = model_step_cost(n, args.steps // 2, args.repeats)
-        print(f"| pipeline, {n} no-op plugins | {cost * 1e6:.1f} | "
+    for name, cost in costs.items():
+        print(f"| {name} | {cost * 1e6:.1f} | "
               f"{(cost - bare) * 1e6:+.1f} µs ({cost / bare - 1:+.1%}) |")
-
 
 if __name__ == "__main__":
     main()

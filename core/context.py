@@ -71,7 +71,9 @@ class Run:
 
     def count_skip(self, outcome: StepOutcome) -> None:
         """Add a closed step's decision to ``skipped_steps`` without syncing."""
-        if outcome.decided or not outcome.requests:
+        if not outcome.requests:
+            return
+        if outcome.decided:
             self._skipped_known += int(outcome.skip)
             return
         flag = outcome.flag
@@ -222,6 +224,7 @@ class StepContext:
     skip_requests: list[SkipRequest] = attrs.Factory(list)
     outcome: StepOutcome | None = None
     instance: str = ""
+    staged: list[tuple[str, torch.Tensor | float]] = attrs.Factory(list)
     weights: Mapping[str, float] = attrs.Factory(dict)
 
     @property
@@ -278,7 +281,14 @@ class StepContext:
 
     def log(self, name: str, value: torch.Tensor | float) -> None:
         """Record a scalar metric as ``<instance>/<name>``; stays on the device."""
-        self.run.metrics.record(f"{self.instance}/{name}", value, step=self.step)
+        if isinstance(value, torch.Tensor) and value.numel() != 1:
+            raise ValueError(
+                f"{self.instance}: metric {name!r} must be a scalar, got a tensor of shape "
+                f"{tuple(value.shape)}"
+            )
+        # Staged, and detached by the pipeline after the backward: a detached alias of a
+        # tensor that backward is about to use slows that backward down.
+        self.staged.append((f"{self.instance}/{name}", value))
 
     def request_skip(self, reason: str, *, when: bool | torch.Tensor = True) -> None:
         """Ask the host not to step the optimizer this time, if *when* holds.

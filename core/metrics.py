@@ -33,6 +33,8 @@ class MetricStore:
                     f"metric {name!r} must be a scalar, got a tensor of shape {tuple(value.shape)}"
                 )
             value = value.detach()
+            if value.dim():
+                value = value.reshape(())
         else:
             value = torch.tensor(float(value))
         pending = self._pending.get(name)
@@ -52,7 +54,7 @@ class MetricStore:
         pending = self._pending[name]
         if not pending:
             return
-        stacked = torch.stack([v.reshape(()) for v in pending])
+        stacked = torch.stack(pending)
         total = stacked.to(torch.float64 if stacked.device.type == "cpu" else torch.float32).sum()
         previous = self._sums.get(name)
         self._sums[name] = total if previous is None else previous + total

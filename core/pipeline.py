@@ -199,9 +199,12 @@ class Pipeline:
     # -- calling hooks ----------------------------------------------------------------
 
     def _call(self, hook: str, arg: Run | StepContext) -> list[tuple[str, Any]]:
-        results = []
-        is_step = isinstance(arg, StepContext)
-        for key, function, takes_arg in self._dispatch[hook]:
+        results: list[tuple[str, Any]] = []
+        dispatch = self._dispatch[hook]
+        if not dispatch:
+            return results
+        is_step = type(arg) is StepContext
+        for key, function, takes_arg in dispatch:
             if is_step:
                 arg.instance = key
             try:
@@ -360,6 +363,7 @@ class Pipeline:
                 f"micro_batch {micro_batch} of {num_micro_batches} out of order: expected "
                 f"micro_batch {expected}"
             )
+        self._flush_metrics(ctx)
         ctx.micro_batch = micro_batch
         ctx.loss_scale = 1.0 / num_micro_batches if loss_scale is None else loss_scale
         ctx.batch, ctx.targets, ctx.task_loss = batch, targets, None
@@ -382,10 +386,10 @@ class Pipeline:
         if outputs:
             ctx.outputs.update(outputs)
         ctx.task_loss = task_loss
-        metrics, step = self.run.metrics, ctx.step
+        staged, step = ctx.staged, ctx.step
         total = task_loss
         if task_loss is not None:
-            metrics.record("loss/task", task_loss, step=step)
+            staged.append(("loss/task", task_loss))
         for key, terms in self._call("compute_regularizers", ctx):
             if not isinstance(terms, Mapping):
                 raise TermError(
@@ -396,15 +400,23 @@ class Pipeline:
             for term, value in terms.items():
                 self._check_term(key, term, value, task_loss, step)
                 weighted = value * weight
-                metrics.record(f"reg/{key}/{term}", value, step=step)
-                metrics.record(f"reg_weighted/{key}/{term}", weighted, step=step)
+                staged.append((f"reg/{key}/{term}", value))
+                staged.append((f"reg_weighted/{key}/{term}", weighted))
                 total = weighted if total is None else total + weighted
         if total is None:
             raise ValueError("compute_loss() got no task loss and no plugin returned a term")
         if ctx.loss_scale != 1.0:
             total = total * ctx.loss_scale
-        metrics.record("loss/total", total, step=step)
+        staged.append(("loss/total", total))
         return total
+
+    def _flush_metrics(self, ctx: StepContext) -> None:
+        """Move what the step recorded into the metric store (after a backward)."""
+        if ctx.staged:
+            record, step = self.run.metrics.record, ctx.step
+            for name, value in ctx.staged:
+                record(name, value, step=step)
+            ctx.staged.clear()
 
     def _check_term(
         self, key: str, term: str, value: Any, task_loss: torch.Tensor | None, step: int
@@ -440,6 +452,7 @@ class Pipeline:
                 f"after_backward() after micro_batch {ctx.micro_batch} of "
                 f"{ctx.num_micro_batches}: call it once, after the last micro-batch's backward"
             )
+        self._flush_metrics(ctx)
         self._call("after_backward", ctx)
         self._outcome = StepOutcome(tuple(ctx.skip_requests))
         return self._outcome
@@ -452,6 +465,7 @@ class Pipeline:
                                "after the backward pass")
         outcome = ctx.outcome = self._outcome
         self._call("consolidate", ctx)
+        self._flush_metrics(ctx)
         # The event needs the decision on the host: log it only when someone read it
         # already, so that a host stepping without a sync is not made to sync here.
         if outcome.decided and outcome.skip:

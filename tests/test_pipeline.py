@@ -633,3 +633,21 @@ def test_check_state_names_the_instance_and_the_keys():
     with pytest.raises(steadytrain.CheckpointError, match=r"'mine' \(l2_outputs\).*\['a'\], "
                        r"expected \['a', 'b'\]"):
         plugin.check_state({"a": 1}, ("a", "b"))
+
+
+def test_metrics_of_a_step_reach_the_store_after_the_backward(model):
+    pipe = Pipeline([L2Outputs()]).setup(model, None)
+    pipe.before_step(micro_batch=0, num_micro_batches=2)
+    pred = model(data()[0])
+    pipe.compute_loss(pred.sum(), outputs={"pred": pred}).backward()
+    assert pipe.run.metrics.names() == []
+    pipe.before_step(micro_batch=1, num_micro_batches=2)
+    assert "loss/task" in pipe.run.metrics
+    pred = model(data()[0])
+    pipe.compute_loss(pred.sum(), outputs={"pred": pred}).backward()
+    pipe.after_backward()
+    pipe.consolidate()
+    assert pipe.metrics()["loss/task"] == pytest.approx(pred.sum().item())
+    ctx = pipe.before_step()
+    with pytest.raises(ValueError, match=r"metric 'bad' must be a scalar"):
+        ctx.log("bad", torch.ones(2))

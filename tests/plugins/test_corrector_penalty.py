@@ -257,6 +257,7 @@ def test_exclude_sea_ice_and_include_a_digit_family():
     pipe.before_step()
     model(x)
     torch.testing.assert_close(pipe.compute_loss(None), expected)
+    pipe.after_backward()
     assert {n for n in pipe.run.metrics.names() if "/var/" in n} == {
         f"corrector_penalty/var/{n}" for n in names[:3]
     }
