@@ -61,3 +61,11 @@ def test_plugin_reference_is_generated_from_the_plugins():
     assert (ROOT / "docs" / "plugins.md").read_text() == generator.render(), (
         "docs/plugins.md is stale: run python docs/make_plugin_reference.py"
     )
+
+
+def test_readme_lists_every_built_in_plugin():
+    from steadytrain import Registry
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [n for n in Registry.discover(autoload=False).names() if f"`{n}`" not in readme]
+    assert not missing, f"README.md does not mention {missing}"
