@@ -1,9 +1,9 @@
-import io
 import math
 
 import pytest
 import torch
 from conftest import L2Outputs
+from helpers import round_trip
 
 import steadytrain
 from steadytrain import Pipeline, hookimpl, schedules
@@ -437,11 +437,9 @@ def test_checkpoint_resume_is_bit_exact(model):
     pipe = build().setup(model, opt, total_steps=6)
     for _ in range(3):
         one_step(pipe, model, opt, x, y)
-    buffer = io.BytesIO()
-    torch.save({"pipe": pipe.state_dict(), "model": model.state_dict(),
-                "opt": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    buffer = round_trip({"pipe": pipe.state_dict(), "model": model.state_dict(),
+                "opt": opt.state_dict()})
+    saved = buffer
     model.load_state_dict(saved["model"])
     opt = optimizer()
     opt.load_state_dict(saved["opt"])

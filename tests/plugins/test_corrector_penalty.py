@@ -1,5 +1,4 @@
 import importlib.util
-import io
 import json
 import math
 from pathlib import Path
@@ -7,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import round_trip
 
 import steadytrain
 from steadytrain.plugins.corrector_penalty import (
@@ -568,14 +568,11 @@ def test_checkpoint_resume_is_bit_exact():
 
     pipe, model, opt = fresh()
     first, _ = train(pipe, model, opt, 4)
-    buffer = io.BytesIO()
-    torch.save({"pipe": pipe.state_dict(), "model": model.state_dict(),
-                "opt": opt.state_dict()}, buffer)
+    saved = round_trip({"pipe": pipe.state_dict(), "model": model.state_dict(),
+                        "opt": opt.state_dict()})
     rest, metrics = train(pipe, model, opt, 5)
 
     pipe2, model2, opt2 = fresh()
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
     pipe2.load_state_dict(saved["pipe"])
     model2.load_state_dict(saved["model"])
     opt2.load_state_dict(saved["opt"])

@@ -1,8 +1,8 @@
-import io
 import tomllib
 
 import pytest
 import torch
+from helpers import round_trip
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import steadytrain
@@ -263,11 +263,9 @@ def test_resume_is_bit_exact():
     first = make_model()
     pipe = steadytrain.Pipeline([SkipAt(()), EMA(config)])
     opt = train(pipe, first, 6)
-    buffer = io.BytesIO()
-    torch.save({"pipe": pipe.state_dict(), "model": first.state_dict(),
-                "opt": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    buffer = round_trip({"pipe": pipe.state_dict(), "model": first.state_dict(),
+                "opt": opt.state_dict()})
+    saved = buffer
 
     resumed_model = make_model()
     resumed_model.load_state_dict(saved["model"])

@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import regularize
 
 import steadytrain
 from steadytrain.plugins.gate_entropy import GateEntropy, gate_entropy, gate_entropy_penalty
@@ -18,13 +19,6 @@ def hand_entropy(g):
     """Per-token entropy summed over the gate entries, then the mean over tokens."""
     return -(g * torch.log(g)).sum(-1).mean()
 
-
-def penalty_of(pipe, g):
-    pipe.before_step()
-    term = pipe.compute_loss(None, outputs={"gates": g})
-    pipe.after_backward()
-    pipe.consolidate()
-    return term
 
 
 @pytest.mark.parametrize("shape", [(7, 3), (2, 5, 3), (2, 3, 4, 8)])
@@ -87,19 +81,19 @@ def test_unknown_form_is_an_error():
 def test_plugin_warns_once_per_gate_size_when_the_target_is_unreachable():
     pipe = steadytrain.Pipeline([GateEntropy(id="router")]).setup()
     with pytest.warns(UserWarning, match=r"router\.target: 2 is above .* ln 3 = 1\.0986"):
-        penalty_of(pipe, gates(2, 4, 3))
+        regularize(pipe, {"gates": gates(2, 4, 3)})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        penalty_of(pipe, gates(2, 4, 3, seed=1))
+        regularize(pipe, {"gates": gates(2, 4, 3, seed=1)})
     with pytest.warns(UserWarning, match=r"ln 5 = 1\.6094"):
-        penalty_of(pipe, gates(2, 4, 5))
+        regularize(pipe, {"gates": gates(2, 4, 5)})
 
 
 def test_plugin_does_not_warn_for_a_reachable_target():
     pipe = steadytrain.Pipeline([GateEntropy(GateEntropy.Config(target=1.0))]).setup()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        penalty_of(pipe, gates(2, 4, 3))
+        regularize(pipe, {"gates": gates(2, 4, 3)})
 
 
 def test_gradient_wrt_gate_logits_matches_the_hand_formula():
@@ -107,7 +101,7 @@ def test_gradient_wrt_gate_logits_matches_the_hand_formula():
     logits = torch.randn(2, 6, 3, requires_grad=True)
     pipe = steadytrain.Pipeline([GateEntropy(weight=0.05)]).setup()
     with pytest.warns(UserWarning, match="above the largest entropy"):
-        loss = penalty_of(pipe, torch.softmax(logits, -1))
+        loss = regularize(pipe, {"gates": torch.softmax(logits, -1)})
     (grad,) = torch.autograd.grad(loss, logits)
     reference = logits.detach().requires_grad_()
     hand = 0.05 * (math.log(3) - hand_entropy(torch.softmax(reference, -1)))
@@ -144,9 +138,9 @@ def test_atol_admits_low_precision_gates():
     g[0, 0] += 0.004
     strict = steadytrain.Pipeline([GateEntropy(GateEntropy.Config(target=1.0))]).setup()
     with pytest.raises(steadytrain.HookError, match=r"atol = 0\.001"):
-        penalty_of(strict, g)
+        regularize(strict, {"gates": g})
     pipe = steadytrain.Pipeline([GateEntropy(GateEntropy.Config(atol=1e-2, target=1.0))]).setup()
-    assert torch.allclose(penalty_of(pipe, g), 1.0 - hand_entropy(g.float()))
+    assert torch.allclose(regularize(pipe, {"gates": g}), 1.0 - hand_entropy(g.float()))
 
 
 def test_negative_gate_entries_are_an_error():
@@ -177,4 +171,4 @@ def test_toml_options_reach_the_plugin():
     pipe = steadytrain.Pipeline.from_config(config).setup()
     g = gates(2, 5, 3, scale=3.0)
     expected = 0.05 * torch.clamp(0.8 - hand_entropy(g), min=0)
-    assert torch.allclose(penalty_of(pipe, g), expected)
+    assert torch.allclose(regularize(pipe, {"gates": g}), expected)

@@ -2,6 +2,7 @@ import tomllib
 
 import pytest
 import torch
+from helpers import regularize
 
 import steadytrain
 from steadytrain.plugins.gate_smoothness import GateSmoothness, gate_smoothness
@@ -21,13 +22,6 @@ def hand_smoothness(g, time_dim):
         count += g[t].numel()
     return total / count
 
-
-def penalty_of(pipe, g):
-    pipe.before_step()
-    term = pipe.compute_loss(None, outputs={"gates": g})
-    pipe.after_backward()
-    pipe.consolidate()
-    return term
 
 
 @pytest.mark.parametrize(
@@ -80,7 +74,7 @@ def test_gradient_wrt_gate_logits_matches_the_hand_formula():
     """The source's weight 0.1 on (batch, seq, k) gates."""
     logits = torch.randn(3, 7, 3, requires_grad=True)
     pipe = steadytrain.Pipeline([GateSmoothness(weight=0.1)]).setup()
-    loss = penalty_of(pipe, torch.softmax(logits, -1))
+    loss = regularize(pipe, {"gates": torch.softmax(logits, -1)})
     (grad,) = torch.autograd.grad(loss, logits)
     reference = logits.detach().requires_grad_()
     hand = 0.1 * hand_smoothness(torch.softmax(reference, -1), 1)

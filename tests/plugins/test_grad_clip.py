@@ -1,9 +1,9 @@
-import io
 import math
 import tomllib
 
 import pytest
 import torch
+from helpers import round_trip
 
 import steadytrain
 from steadytrain.plugins.grad_clip import (
@@ -239,11 +239,9 @@ def test_adaptive_state_resumes_bit_exact():
     config = GradClip.Config(mode="adaptive", max_norm=4.0, beta=0.9, warmup=2)
     _, whole = adaptive_run(GradClip(config), Net(), SCALES)
     pipe, first = adaptive_run(GradClip(config), Net(), SCALES[:6])
-    buffer = io.BytesIO()
-    torch.save(pipe.state_dict(), buffer)
-    buffer.seek(0)
+    buffer = round_trip(pipe.state_dict())
     resumed = steadytrain.Pipeline([GradClip(config)])
-    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    resumed.load_state_dict(buffer)
     model = Net()
     resumed.setup(model)
     second = [run_scaled(resumed, model, s, 6 + i) for i, s in enumerate(SCALES[6:])]

@@ -1,9 +1,9 @@
-import io
 import math
 
 import pytest
 import structlog
 import torch
+from helpers import round_trip
 
 import steadytrain
 from steadytrain import Pipeline
@@ -343,11 +343,9 @@ def test_resume_is_bit_exact():
 
     model, opt, pipe = fresh()
     first = _train(pipe, model, opt, data[:12])
-    buffer = io.BytesIO()
-    torch.save({"pipe": pipe.state_dict(), "model": model.state_dict(),
-                "opt": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    buffer = round_trip({"pipe": pipe.state_dict(), "model": model.state_dict(),
+                "opt": opt.state_dict()})
+    saved = buffer
     model, opt, pipe = fresh()
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["opt"])

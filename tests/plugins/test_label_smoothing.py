@@ -1,9 +1,9 @@
-import io
 import tomllib
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import round_trip
 
 import steadytrain
 from steadytrain.plugins.label_smoothing import LabelSmoothing, label_smoothing_term
@@ -107,11 +107,9 @@ def test_toml_config_and_stateless_checkpoint_round_trip():
         torch_layout(logits), targets, ignore_index=-1, label_smoothing=0.2
     )
     torch.testing.assert_close(loss, expected)
-    buffer = io.BytesIO()
-    torch.save(pipe.state_dict(), buffer)
-    buffer.seek(0)
+    buffer = round_trip(pipe.state_dict())
     fresh = steadytrain.Pipeline.from_config(config)
-    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    fresh.load_state_dict(buffer)
     fresh.setup()
     assert fresh.run.step == 1
     torch.testing.assert_close(smoothed_step(fresh, logits, targets, ignore_index=-1), expected)

@@ -4,13 +4,13 @@ Each test runs over every such plugin (gate smoothness, gate entropy, sparsity t
 with a valid input and the plain function that gives its expected term.
 """
 
-import io
 import math
 import tomllib
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import round_trip
 
 import steadytrain
 from steadytrain.plugins.gate_entropy import GateEntropy, gate_entropy_penalty
@@ -277,11 +277,9 @@ def test_config_from_toml_and_stateless_checkpoint_round_trip(case, tmp_path):
     assert instance.config == plugin.Config(key="k", check="every_step")
     x = make(2, 5, 3)
     assert torch.allclose(one_step(pipe, {"k": x}), 0.1 * function(x))
-    buffer = io.BytesIO()
-    torch.save(pipe.state_dict(), buffer)
-    buffer.seek(0)
+    buffer = round_trip(pipe.state_dict())
     fresh = steadytrain.Pipeline.from_config(path)
-    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    fresh.load_state_dict(buffer)
     fresh.setup(total_steps=10)
     assert fresh.run.step == 1
     assert torch.equal(one_step(fresh, {"k": x}), one_step(pipe, {"k": x}))

@@ -3,17 +3,10 @@ import tomllib
 
 import pytest
 import torch
+from helpers import regularize
 
 import steadytrain
 from steadytrain.plugins.sparsity_target import SparsityTarget, sparsity_penalty
-
-
-def penalty_of(pipe, mask):
-    pipe.before_step()
-    term = pipe.compute_loss(None, outputs={"sparsity_mask": mask})
-    pipe.after_backward()
-    pipe.consolidate()
-    return term
 
 
 def test_penalty_is_the_squared_distance_of_the_density_to_the_target():
@@ -30,14 +23,14 @@ def test_boolean_masks_are_counted_in_float32():
     expected = (mask.sum().item() / mask.numel() - 0.15) ** 2
     assert math.isclose(sparsity_penalty(mask).item(), expected, rel_tol=1e-6)
     pipe = steadytrain.Pipeline([SparsityTarget()]).setup()
-    assert math.isclose(penalty_of(pipe, mask).item(), expected, rel_tol=1e-6)
+    assert math.isclose(regularize(pipe, {"sparsity_mask": mask}).item(), expected, rel_tol=1e-6)
 
 
 def test_gradient_wrt_mask_scores_matches_the_hand_formula():
     """The source's weight 0.1 and target 0.15 on a sigmoid mask."""
     scores = torch.randn(4, 6, 16, requires_grad=True)
     pipe = steadytrain.Pipeline([SparsityTarget(weight=0.1)]).setup()
-    loss = penalty_of(pipe, torch.sigmoid(scores))
+    loss = regularize(pipe, {"sparsity_mask": torch.sigmoid(scores)})
     (grad,) = torch.autograd.grad(loss, scores)
     reference = scores.detach().requires_grad_()
     hand = 0.1 * (torch.sigmoid(reference).mean() - 0.15) ** 2
@@ -74,7 +67,8 @@ def test_mask_outside_zero_one_is_an_error_naming_the_instance(values, span):
 
 def test_mask_at_the_bounds_is_valid():
     pipe = steadytrain.Pipeline([SparsityTarget()]).setup()
-    assert torch.allclose(penalty_of(pipe, torch.tensor([0.0, 1.0])), torch.tensor(0.35**2))
+    loss = regularize(pipe, {"sparsity_mask": torch.tensor([0.0, 1.0])})
+    assert torch.allclose(loss, torch.tensor(0.35**2))
 
 
 def test_empty_mask_is_an_error():

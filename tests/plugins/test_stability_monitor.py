@@ -1,10 +1,10 @@
-import io
 import math
 import statistics
 
 import pytest
 import structlog
 import torch
+from helpers import round_trip
 
 import steadytrain
 from steadytrain import Pipeline
@@ -170,11 +170,9 @@ def test_resume_is_bit_exact():
     model, pipe = fresh()
     run_steps(pipe, model, values[:6])
     first = pipe.run.metrics  # the metric window is the host's, not the checkpoint's
-    buffer = io.BytesIO()
-    torch.save(pipe.state_dict(), buffer)
-    buffer.seek(0)
+    buffer = round_trip(pipe.state_dict())
     model, resumed = fresh()
-    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    resumed.load_state_dict(buffer)
     resumed.run.metrics = first
     run_steps(resumed, model, values[6:])
     ours = {k: v for k, v in resumed.metrics().items() if k.startswith("stability_monitor/")}
