@@ -16,13 +16,8 @@ When to use it
 Hyperparameters
     ``weight`` (suggested 0.05, the source's value; set it in the config). ``target``
     (default 2.0, the source's value) and ``form`` (default ``"linear"``).
-    Where the gates come from: ``key`` (default ``"gates"``), the name the model reports
-    them under with ``steadytrain.report``; or ``taps``, module-name patterns whose
-    outputs are the gates (the instance's include/exclude narrow them; ``tap_element``
-    picks the gates out of a tuple output). ``check`` (default ``"auto"``: every step on
-    the CPU, the first step on an accelerator, where it costs a host sync; or
-    ``"every_step"``, ``"first_step"``, ``"never"``) and ``atol`` (default 1e-3; raise it
-    to about 1e-2 for bfloat16 gates) govern the check that gates sum to 1.
+    Where the gates come from and how they are checked (``key``, ``taps``,
+    ``tap_element``, ``check``, ``atol``): the same options as ``gate_smoothness``.
 
 Source
     The memory-model stability document (seed 000), section 5 "Loss Function
