@@ -54,9 +54,11 @@ Caveats
       step is skipped). It cannot be combined with ``torch.amp.GradScaler``, which sets
       ``found_inf`` itself (and skips non-finite gradients on its own). Learning-rate
       schedulers still advance on a skipped step, as they do under ``GradScaler``.
-    * The current core reads the skip decision on the host in ``Pipeline.consolidate``
-      (to set ``ctx.skipped``), which costs one sync per step whenever a skip request
-      holds a tensor; ``benchmarks/bench_guard.py`` measures it.
+    * The decision reaches the host only when something reads it: ``outcome.skip`` in
+      the host's loop, or a ``consolidate`` plugin reading ``ctx.skipped`` (one sync per
+      step then). With :func:`guarded_step` and plugins that use ``ctx.skip_flag``, the
+      guard costs one sync every ``check_every`` steps; ``benchmarks/bench_guard.py``
+      counts them.
     * Gradients are checked through their float32 2-norms: a finite gradient whose norm
       overflows float32 (elements around 1e19) counts as non-finite too.
     * Under FSDP each rank checks its own gradient shards; the flag is not all-reduced.
