@@ -137,7 +137,11 @@ class Pipeline:
             raise RuntimeError("register() must be called before setup()")
         key = name or getattr(plugin, "key", None) or _name_of(plugin)
         self._add(plugin, key)
-        self._assemble()
+        try:
+            self._assemble()
+        except RegistryError:
+            del self._instances[key]  # the pipeline stays as it was
+            raise
 
     def _add(self, plugin: object, key: str) -> None:
         if key in self._instances:
@@ -178,6 +182,11 @@ class Pipeline:
         weights = {k: getattr(p, "weight", Constant(1.0)) for k, p in self._instances.items()}
         self._weights = {k: w.value for k, w in weights.items() if isinstance(w, Constant)}
         self._schedules = [(k, w) for k, w in weights.items() if not isinstance(w, Constant)]
+
+    @property
+    def is_setup(self) -> bool:
+        """Whether :meth:`setup` has bound the pipeline to a run."""
+        return self._is_setup
 
     @property
     def plugins(self) -> Mapping[str, object]:

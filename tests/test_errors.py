@@ -101,3 +101,28 @@ def test_validators_accept_good_values():
     validators.in_range(0, 1)(None, Attribute, 0.5)
     validators.optional(validators.positive)(None, Attribute, None)
     validators.one_of("mse", "l1")(None, Attribute, "l1")
+
+
+def test_hook_wrappers_are_refused():
+    class Wrapping:
+        @hookimpl(wrapper=True)
+        def before_step(self, ctx):
+            return (yield)
+
+    pipe = Pipeline([])
+    with pytest.raises(RegistryError, match="'w': hook before_step is a wrapper"):
+        pipe.register(Wrapping(), name="w")
+    assert list(pipe.plugins) == []  # the refused object left nothing behind
+
+    class WrappingPlugin(steadytrain.Plugin):
+        name = "wrapping"
+        before_step = Wrapping.before_step
+
+    with pytest.raises(RegistryError, match="hook wrappers are not supported"):
+        Registry().register(WrappingPlugin)
+
+
+def test_is_setup_follows_setup(model):
+    pipe = Pipeline([L2Outputs()])
+    assert not pipe.is_setup
+    assert pipe.setup(model, None).is_setup
