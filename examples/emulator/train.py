@@ -284,6 +284,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     parser.add_argument("--out", type=Path, help="write the sweep's table (markdown) here")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
     args = parser.parse_args(argv)
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401 - checked before training, not after it
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install 'steadytrain[plots]'")
 
     n, count, length, steps, horizon = (32, 32, 24, args.steps, 8)
     if args.tiny:

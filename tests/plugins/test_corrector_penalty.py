@@ -1,6 +1,7 @@
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -599,6 +600,19 @@ def test_emulator_example_runs_with_tiny_settings(tmp_path):
     rows = module.main(["--tiny", "--weights", "0", "1", "--out", str(tmp_path)])
     assert [r["weight"] for r in rows] == [0.0, 1.0]
     assert all(math.isfinite(r["val_rmse"]) and r["correction"] >= 0 for r in rows)
+
+
+def test_emulator_example_refuses_a_plot_without_matplotlib_before_training(
+    monkeypatch, capsys
+):
+    path = ROOT / "examples" / "emulator" / "train.py"
+    spec = importlib.util.spec_from_file_location("emulator_train", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    with pytest.raises(SystemExit):
+        module.main(["--tiny", "--plot", "sweep.png"])
+    assert "--plot needs matplotlib: pip install 'steadytrain[plots]'" in capsys.readouterr().err
 
 
 def test_later_steps_may_carry_a_subset_of_the_first_steps_variables():
