@@ -37,33 +37,39 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import attrs
 import torch
 
 import steadytrain
+from steadytrain import validators
 
-GROUP_KEYS = ("name", "include", "exclude", "lr_scale", "weight_decay")
 OWNER = "param_groups"
 
 
-def _number(where: str, value: Any, *, allow_zero: bool) -> float:
+@attrs.frozen
+class GroupSpec:
+    """One group: which parameters, and how its lr and weight decay differ from the base."""
+
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    lr_scale: float = attrs.field(default=1.0, validator=validators.positive)
+    weight_decay: float | None = attrs.field(
+        default=None, validator=validators.optional(validators.non_negative)
+    )
+    name: str | None = None
+
+
+def _base(option: str, value: Any, *, allow_zero: bool) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
         kind = "a number >= 0" if allow_zero else "a positive number"
-        raise steadytrain.ConfigError(f"{where}: must be {kind}, got {value!r}")
+        raise steadytrain.ConfigError(f"{OWNER}.{option}: must be {kind}, got {value!r}")
     return float(value)
-
-
-def _patterns(where: str, value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,)
-    if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
-        raise steadytrain.ConfigError(f"{where}: expected a list of patterns, got {value!r}")
-    return tuple(value)
 
 
 def param_groups(
     model: torch.nn.Module,
-    groups: Sequence[Mapping[str, Any]],
+    groups: Sequence[Mapping[str, Any] | GroupSpec],
     *,
     lr: float,
     weight_decay: float = 0.0,
@@ -79,27 +85,24 @@ def param_groups(
     a pattern that matches no parameter, a parameter two groups select, or a group that
     ends up empty.
     """
-    lr = _number(f"{OWNER}.lr", lr, allow_zero=False)
-    weight_decay = _number(f"{OWNER}.weight_decay", weight_decay, allow_zero=True)
+    lr = _base("lr", lr, allow_zero=False)
+    weight_decay = _base("weight_decay", weight_decay, allow_zero=True)
     named = list(model.named_parameters())
     names = [n for n, _ in named]
     by_name = dict(named)
     owner_of: dict[str, str] = {}
     result = []
-    for index, spec in enumerate(groups):
+    for index, raw in enumerate(groups):
         where = f"{OWNER}.groups[{index}]"
-        if not isinstance(spec, Mapping):
-            raise steadytrain.ConfigError(f"{where}: expected a table of options, got {spec!r}")
-        for key in spec:
-            if key not in GROUP_KEYS:
-                raise steadytrain.ConfigError(
-                    f"{where}: unknown key {key!r}; known keys: {', '.join(GROUP_KEYS)}"
-                )
-        name = spec.get("name", f"groups[{index}]")
+        if isinstance(raw, GroupSpec):
+            spec = raw
+        elif isinstance(raw, Mapping):
+            spec = steadytrain.structure_options(raw, GroupSpec, where)
+        else:
+            raise steadytrain.ConfigError(f"{where}: expected a table of options, got {raw!r}")
+        name = spec.name or f"groups[{index}]"
         selector = steadytrain.VariableFilter(
-            include=_patterns(f"{where}.include", spec.get("include", ("*",))),
-            exclude=_patterns(f"{where}.exclude", spec.get("exclude", ())),
-            owner=where,
+            include=spec.include, exclude=spec.exclude, owner=where
         )
         selected = selector.select(names, kind="parameter")
         if not selected:
@@ -115,9 +118,8 @@ def param_groups(
             owner_of[param] = name
         result.append({
             "params": [by_name[n] for n in selected],
-            "lr": lr * _number(f"{where}.lr_scale", spec.get("lr_scale", 1.0), allow_zero=False),
-            "weight_decay": _number(f"{where}.weight_decay",
-                                    spec.get("weight_decay", weight_decay), allow_zero=True),
+            "lr": lr * spec.lr_scale,
+            "weight_decay": weight_decay if spec.weight_decay is None else spec.weight_decay,
             "name": name,
         })
     rest = [by_name[n] for n in names if n not in owner_of]

@@ -111,9 +111,9 @@ def test_group_whose_matches_are_all_excluded_is_an_error(net):
         ([{"lr_scale": -0.1}], {}, r"groups\[0\].lr_scale: must be a positive number, got -0.1"),
         ([{"lr_scale": 0}], {}, r"groups\[0\].lr_scale: must be a positive number"),
         ([{"weight_decay": -1}], {}, r"groups\[0\].weight_decay: must be a number >= 0"),
-        ([{"lr": 0.1}], {}, r"groups\[0\]: unknown key 'lr'; known keys: name, include"),
+        ([{"lr": 0.1}], {}, r"groups\[0\]: unknown key 'lr'; known keys: include, exclude"),
         (["*memory*"], {}, r"groups\[0\]: expected a table of options"),
-        ([{"include": 3}], {}, r"groups\[0\].include: expected a list of patterns"),
+        ([{"include": 3}], {}, r"groups\[0\].include: expected a list of strings, got 3"),
         ([], {"lr": 0}, r"param_groups.lr: must be a positive number, got 0"),
         ([], {"weight_decay": float("nan")}, r"param_groups.weight_decay: must be a number"),
     ],
@@ -121,3 +121,13 @@ def test_group_whose_matches_are_all_excluded_is_an_error(net):
 def test_bad_input_names_the_option(net, groups, options, message):
     with pytest.raises(steadytrain.ConfigError, match=message):
         param_groups(net, groups, **{"lr": 1.0, **options})
+
+
+def test_group_specs_may_be_given_as_objects(net):
+    from steadytrain.plugins.param_groups import GroupSpec
+
+    as_dicts = param_groups(net, [{"include": ["head.*"], "lr_scale": 0.5}], lr=1.0)
+    as_specs = param_groups(net, [GroupSpec(include=("head.*",), lr_scale=0.5)], lr=1.0)
+    assert [(g["lr"], g["weight_decay"], [id(p) for p in g["params"]]) for g in as_dicts] == [
+        (g["lr"], g["weight_decay"], [id(p) for p in g["params"]]) for g in as_specs
+    ]
