@@ -24,7 +24,6 @@ Caveats
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import attrs
@@ -37,12 +36,7 @@ from steadytrain.validators import positive
 def grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
     """The total ``norm_type`` norm of the gradients of *parameters* (0 if none has one)."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    norms = torch._foreach_norm(grads, norm_type)
-    if math.isinf(norm_type):
-        return torch.stack(norms).max()
-    return torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    return torch.nn.utils.get_total_norm(grads, norm_type, foreach=bool(grads))
 
 
 class GradNorm(steadytrain.Plugin):

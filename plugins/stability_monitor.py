@@ -53,6 +53,7 @@ import structlog
 import torch
 
 import steadytrain
+from steadytrain.plugins.gate_entropy import gate_entropy
 from steadytrain.validators import non_negative, positive, positive_int
 
 log = structlog.get_logger("steadytrain")
@@ -85,15 +86,16 @@ def loss_variance(losses: torch.Tensor) -> torch.Tensor:
     return torch.where(finite, (losses - mean) ** 2, 0.0).sum() / (count - 1)
 
 
-def gate_entropy(gates: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+def mean_gate_entropy(gates: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     """Mean entropy (nats) of the distributions along the last dimension of *gates*.
 
-    A list of gate tensors (one per layer) gives the mean over all their distributions
-    of each tensor's mean, i.e. every tensor weighs the same.
+    A list of gate tensors (one per layer) gives the mean over the tensors of each one's
+    :func:`~steadytrain.plugins.gate_entropy.gate_entropy`, i.e. every tensor weighs the
+    same.
     """
     if isinstance(gates, torch.Tensor):
-        return torch.special.entr(gates.detach().float()).sum(-1).mean()
-    return torch.stack([gate_entropy(g) for g in gates]).mean()
+        return gate_entropy(gates.detach())
+    return torch.stack([gate_entropy(g.detach()) for g in gates]).mean()
 
 
 def _mean(value: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
@@ -146,7 +148,7 @@ class StabilityMonitor(steadytrain.Plugin):
         outputs = ctx.outputs
         cfg = self.config
         if cfg.gates in outputs:
-            ctx.log("gate_entropy", gate_entropy(outputs[cfg.gates]))
+            ctx.log("gate_entropy", mean_gate_entropy(outputs[cfg.gates]))
         if cfg.mask in outputs:
             ctx.log("sparsity", _mean(outputs[cfg.mask]))
         memory = outputs.get(cfg.memory)
