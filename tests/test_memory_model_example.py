@@ -107,3 +107,9 @@ def test_sentences_follow_their_topic_table(example):
     frequencies = counts / counts.sum(-1, keepdim=True)
     assert torch.allclose(frequencies, language.table, atol=0.1)
     assert torch.allclose(language.table.sum(-1), torch.ones(4, 16))
+
+
+def test_too_few_steps_for_a_summary_is_refused(example, capsys):
+    with pytest.raises(SystemExit):
+        example.main(["--steps", "4"])
+    assert "--steps must be at least 8" in capsys.readouterr().err

@@ -51,6 +51,8 @@ SHOWN = {
     "grad_norm/norm": "grad_after",
     "stability_monitor/gate_entropy": "gate_H",
     "stability_monitor/sparsity": "density",
+    "stability_monitor/memory_utilization/stm": "stm_use",
+    "stability_monitor/memory_utilization/ltm": "ltm_use",
 }
 
 
@@ -94,8 +96,9 @@ class Language:
 class MemoryModel(torch.nn.Module):
     """Embedding → GRU → dual memory → memory gate → soft top-k layer → head.
 
-    The parameters of the gate are named ``memory_gate.*`` and the memories ``memory``
-    (buffers only), so that ``*memory*`` selects them for the per-group options.
+    ``*memory*`` selects the memory parameters for the per-group options: the gate
+    (``memory_gate.*``) and the norm of what the memories return (``memory_norm.*``);
+    the memories themselves (``memory``) hold buffers only.
     """
 
     def __init__(self, vocab: int, dim: int = 32, *, stm: int = 128, ltm: int = 256,
@@ -113,15 +116,17 @@ class MemoryModel(torch.nn.Module):
         self.output_norm = torch.nn.LayerNorm(dim)
         self.head = torch.nn.Linear(dim, vocab)
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Next-token logits ``(batch, length, vocab)``.
+    def forward(
+        self, ids: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits ``(batch, length, vocab)`` and the gates ``(batch, length, 3)``.
 
         In training, with *targets*, the states of ``writes`` random tokens go into
         short-term memory, each with the embedding of the token that followed it.
         """
         current, _ = self.rnn(self.embed(ids))
         stm, ltm = self.memory.retrieve(current)
-        mixed, _ = self.memory_gate(current, self.memory_norm(stm), self.memory_norm(ltm))
+        mixed, gates = self.memory_gate(current, self.memory_norm(stm), self.memory_norm(ltm))
         sparse, _ = self.sparse(F.gelu(self.up(mixed)))
         logits = self.head(self.output_norm(mixed + self.down(sparse)))
         if self.training and targets is not None:
@@ -129,7 +134,7 @@ class MemoryModel(torch.nn.Module):
                 flat = current.flatten(0, 1)
                 pick = torch.randperm(flat.shape[0], device=flat.device)[: self.writes]
                 self.memory.store(flat[pick], self.embed(targets.flatten()[pick]))
-        return logits
+        return logits, gates
 
 
 # -- training -----------------------------------------------------------------------------
@@ -164,10 +169,12 @@ def train(
         ids = language.sample(batch, length + 1, gen)
         x, y = ids[:, :-1], ids[:, 1:]
         pipe.before_step(batch=x, targets=y)
-        logits = model(x, y)
+        logits, gates = model(x, y)
         task = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         task_losses.append(task.detach())
-        loss = pipe.compute_loss(task, outputs={"logits": logits})
+        # The weight the gate gives each memory: the monitor logs it as memory use.
+        used = {"stm": gates[..., 1], "ltm": gates[..., 2]}
+        loss = pipe.compute_loss(task, outputs={"logits": logits, "memory_utilization": used})
         loss.backward()
         if not pipe.after_backward().skip:
             optimizer.step()
@@ -201,7 +208,7 @@ def evaluate(model: MemoryModel, val: torch.Tensor) -> tuple[float, float]:
     """Cross-entropy and accuracy of the next word (the topic token is not predicted)."""
     model.eval()
     x, y = val[:, :-1], val[:, 1:]
-    logits = model(x)
+    logits, _ = model(x)
     model.train()
     return (F.cross_entropy(logits.flatten(0, 1), y.flatten()).item(),
             (logits.argmax(-1) == y).float().mean().item())
@@ -278,13 +285,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
     args = parser.parse_args(argv)
+    if args.steps < 8:
+        parser.error("--steps must be at least 8 (the summary needs a few log intervals)")
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401 - checked before training, not after it
         except ImportError:
             parser.error("--plot needs matplotlib: pip install 'steadytrain[plots]'")
 
-    steps, batch, length, log_every = args.steps, args.batch, 32, 50
+    steps, batch, length, log_every = args.steps, args.batch, 32, max(1, min(50, args.steps // 4))
     if args.tiny:
         steps, batch, length, log_every = 8, 4, 8, 4
     torch.set_num_threads(min(torch.get_num_threads(), 4))
