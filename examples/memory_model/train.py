@@ -252,19 +252,23 @@ def plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for r in rows:
-        if r["seed"] != rows[0]["seed"]:
-            continue
-        left.plot(r["losses"], lw=0.6, alpha=0.8, label=r["config"])
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(14, 3.8))
+    shown = [r for r in rows if r["seed"] == rows[0]["seed"]]
+    for index, r in enumerate(shown):
+        color = f"C{index % 10}"
+        left.plot(r["losses"], lw=0.6, alpha=0.8, color=color, label=r["config"])
         steps = [h["step"] for h in r["history"]]
-        right.plot(steps, [h["stability_monitor/loss_oscillation"] for h in r["history"]],
-                   marker="o", label=r["config"])
+        middle.plot(steps, [h["stability_monitor/loss_oscillation"] for h in r["history"]],
+                    marker="o", color=color, label=r["config"])
+        for part, style in (("stm", "-o"), ("ltm", "--s")):
+            right.plot(steps, [h[f"stability_monitor/memory_utilization/{part}"]
+                               for h in r["history"]], style, color=color,
+                       label=f"{r['config']} {part}")
     left.set_title(f"task loss per step (seed {rows[0]['seed']})")
-    left.set_xlabel("step")
-    right.set_title("oscillation ratio max/min over the monitor's window")
-    right.set_xlabel("step")
-    for ax in (left, right):
+    middle.set_title("oscillation ratio max/min over the monitor's window")
+    right.set_title("mean gate weight on each memory")
+    for ax in (left, middle, right):
+        ax.set_xlabel("step")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
