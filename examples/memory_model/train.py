@@ -17,7 +17,8 @@ Every training step stores some of the batch's states in short-term memory.
 The two runs share the model, data, optimizer (AdamW), learning-rate schedule and seed;
 they differ only in their config: ``baseline.toml`` only measures (gradient norm,
 stability monitor), ``stabilized.toml`` is the document's recipe with its parameter
-groups. The learning rate is on the high side on purpose, as in a run that oscillates.
+groups. The learning rate (1e-2 after a short warmup, then constant) is on the high side
+for a model of this size on purpose.
 The script prints the metrics of every log interval and a summary per run: validation
 loss and accuracy (inside ``pipe.evaluating()``, so with the EMA weights where the run
 has them), the monitor's oscillation ratio over the second half of training, and the
@@ -150,7 +151,7 @@ def train(
     config: Path, language: Language, val: torch.Tensor, *, steps: int, batch: int,
     length: int, lr: float, seed: int, log_every: int, verbose: bool = True,
 ) -> dict[str, Any]:
-    """Train one run; returns the summary row and the logged intervals (``history``)."""
+    """Train one run; its summary row, with the per-step task losses and logged metrics."""
     began = time.perf_counter()
     torch.manual_seed(seed)
     model = MemoryModel(language.vocab)
