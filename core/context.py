@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 _active_step: ContextVar[StepContext | None] = ContextVar("steadytrain_active_step", default=None)
 
 
-def report(name: str, value: torch.Tensor) -> None:
+def report(name: str, value: Any) -> None:
     """Put *value* into the outputs of the step that is open, as ``ctx.outputs[name]``.
 
     Modules call this from ``forward`` to hand gates, masks or corrections to the

@@ -113,3 +113,10 @@ def test_too_few_steps_for_a_summary_is_refused(example, capsys):
     with pytest.raises(SystemExit):
         example.main(["--steps", "4"])
     assert "--steps must be at least 8" in capsys.readouterr().err
+
+
+def test_a_plot_without_matplotlib_is_refused_before_training(example, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    with pytest.raises(SystemExit):
+        example.main(["--tiny", "--plot", "curves.png"])
+    assert "--plot needs matplotlib: pip install 'steadytrain[plots]'" in capsys.readouterr().err
