@@ -28,8 +28,10 @@ Rules that hold for every hook:
   for the few plugins that must run first or last (a non-finite guard, a metric of the
   final gradients). Hook wrappers are not supported.
 * An exception raised in a hook is re-raised as :class:`steadytrain.HookError` naming the
-  plugin instance, the hook and the step; the pipeline's counters are left as they were
-  before the failing call, so the host may save a checkpoint and stop.
+  plugin instance, the hook and the step (a steadytrain error raised on purpose, such as
+  a ``ConfigError``, keeps its type and gains a note saying the same); the pipeline's
+  counters are left as they were before the failing call, so the host may save a
+  checkpoint and stop.
 * Tensors recorded with ``ctx.log`` stay on their device: logging a metric never syncs
   the host with an accelerator. Do not call ``.item()``, ``float()`` or ``bool()`` on a
   device tensor in a step hook.

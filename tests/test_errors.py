@@ -126,3 +126,17 @@ def test_is_setup_follows_setup(model):
     pipe = Pipeline([L2Outputs()])
     assert not pipe.is_setup
     assert pipe.setup(model, None).is_setup
+
+
+def test_a_steadytrain_error_from_a_hook_keeps_its_type_and_gains_a_note(model):
+    class Strict(steadytrain.Plugin):
+        name = "strict"
+
+        @hookimpl
+        def before_step(self, ctx):
+            raise ConfigError("strict.level: must be set")
+
+    pipe = Pipeline([Strict()]).setup(model, None)
+    with pytest.raises(ConfigError) as info:
+        pipe.before_step()
+    assert "in plugin instance 'strict', hook before_step, step 0" in info.value.__notes__
