@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, TypeVar
 
 import attrs
 
-from .errors import OptionError, suggest
+from .errors import ConfigError, OptionError, suggest
+
+T = TypeVar("T")
 
 Validator = Callable[[Any, attrs.Attribute, Any], None]
 
@@ -55,6 +58,14 @@ def finite(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
         raise OptionError(attr.name, f"must be a finite number, got {value!r}")
 
 
+def norm_order(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
+    """The value is the order p of a p-norm: a number > 0, ``inf`` (max-abs) included."""
+    if not (_is_number(value) and value > 0):
+        raise OptionError(
+            attr.name, f"must be a number > 0 (or inf for the max-abs norm), got {value!r}"
+        )
+
+
 def positive_int(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
     """The value is an integer >= 1."""
     if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
@@ -90,6 +101,20 @@ def one_of(*choices: Any) -> Validator:
             )
 
     return check
+
+
+def check(value: T, validator: Validator, where: str) -> T:
+    """Apply a ``Config`` validator to a plain argument and return it unchanged.
+
+    For functions and modules that take options as arguments rather than as a Config: a
+    failure is a :class:`~steadytrain.ConfigError` reading ``where: problem``, e.g.
+    ``MemoryBuffer.capacity: must be an integer >= 1, got 0``.
+    """
+    try:
+        validator(None, SimpleNamespace(name=where), value)
+    except OptionError as exc:
+        raise ConfigError(f"{where}: {exc.message}") from None
+    return value
 
 
 def optional(validator: Validator) -> Validator:

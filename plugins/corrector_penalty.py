@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 
 import steadytrain
-from steadytrain.validators import non_negative, one_of, positive
+from steadytrain.validators import check, non_negative, one_of, positive
 
 LOSSES = ("mse", "l1", "huber", "smooth_l1", "area_mse")
 RELATIVE_LOSSES = ("relative_mse", "relative_l2", "relative_l1", "rel_l2", "rel_mse", "rel_l1")
@@ -269,9 +269,7 @@ def _as_std(value: Any, where: str) -> float:
                 f"{where}: a std must be a scalar, got a tensor of shape {tuple(value.shape)}"
             )
         value = value.item()
-    if not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
-        raise steadytrain.ConfigError(f"{where}: a std must be a positive number, got {value!r}")
-    return float(value)
+    return float(check(value, positive, where))
 
 
 def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:

@@ -195,14 +195,6 @@ def unitwise_clip_grad_(
     torch._foreach_mul_(grads, factors)
 
 
-def _norm_type(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
-    """A p-norm order: a number > 0, ``inf`` (max-abs) included."""
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
-        raise steadytrain.OptionError(
-            attr.name, f"must be a number > 0 (or inf for the max-abs norm), got {value!r}"
-        )
-
-
 @attrs.frozen
 class ClipGroup:
     """One group of parameters with its own threshold."""
@@ -211,7 +203,7 @@ class ClipGroup:
     include: tuple[str, ...]
     exclude: tuple[str, ...] = ()
     max_norm: float = attrs.field(default=1.0, validator=validators.positive)
-    norm_type: float = attrs.field(default=2.0, validator=_norm_type)
+    norm_type: float = attrs.field(default=2.0, validator=validators.norm_order)
     clipping: float = attrs.field(default=0.01, validator=validators.positive)
 
 
@@ -238,7 +230,7 @@ class GradClip(steadytrain.Plugin):
     @attrs.frozen
     class Config:
         max_norm: float = attrs.field(default=1.0, validator=validators.positive)
-        norm_type: float = attrs.field(default=2.0, validator=_norm_type)
+        norm_type: float = attrs.field(default=2.0, validator=validators.norm_order)
         clipping: float = attrs.field(default=0.01, validator=validators.positive)
         groups: tuple[ClipGroup, ...] = attrs.field(
             default=(), converter=tuple, validator=_check_groups

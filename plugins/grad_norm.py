@@ -30,7 +30,7 @@ import attrs
 import torch
 
 import steadytrain
-from steadytrain.validators import positive
+from steadytrain.validators import norm_order
 
 
 def grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
@@ -46,7 +46,7 @@ class GradNorm(steadytrain.Plugin):
 
     @attrs.frozen
     class Config:
-        norm_type: float = attrs.field(default=2.0, validator=positive)
+        norm_type: float = attrs.field(default=2.0, validator=norm_order)
 
     @steadytrain.hookimpl
     def setup(self, run: steadytrain.Run) -> None:

@@ -33,7 +33,6 @@ Caveats
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -59,14 +58,6 @@ class GroupSpec:
     name: str | None = None
 
 
-def _base(option: str, value: Any, *, allow_zero: bool) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        kind = "a number >= 0" if allow_zero else "a positive number"
-        raise steadytrain.ConfigError(f"{OWNER}.{option}: must be {kind}, got {value!r}")
-    return float(value)
-
-
 def param_groups(
     model: torch.nn.Module,
     groups: Sequence[Mapping[str, Any] | GroupSpec],
@@ -85,8 +76,10 @@ def param_groups(
     a pattern that matches no parameter, a parameter two groups select, or a group that
     ends up empty.
     """
-    lr = _base("lr", lr, allow_zero=False)
-    weight_decay = _base("weight_decay", weight_decay, allow_zero=True)
+    lr = float(validators.check(lr, validators.positive, f"{OWNER}.lr"))
+    weight_decay = float(
+        validators.check(weight_decay, validators.non_negative, f"{OWNER}.weight_decay")
+    )
     named = list(model.named_parameters())
     names = [n for n, _ in named]
     by_name = dict(named)

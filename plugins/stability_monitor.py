@@ -54,7 +54,7 @@ import torch
 
 import steadytrain
 from steadytrain.plugins.gate_entropy import gate_entropy
-from steadytrain.validators import non_negative, positive, positive_int
+from steadytrain.validators import non_negative, norm_order, positive_int
 
 log = structlog.get_logger("steadytrain")
 
@@ -115,7 +115,7 @@ class StabilityMonitor(steadytrain.Plugin):
         oscillation_threshold: float = attrs.field(default=2.0, validator=non_negative)
         grad_norm_threshold: float = attrs.field(default=10.0, validator=non_negative)
         check_every: int = attrs.field(default=100, validator=positive_int)
-        norm_type: float = attrs.field(default=2.0, validator=positive)
+        norm_type: float = attrs.field(default=2.0, validator=norm_order)
         gates: str = "gates"
         mask: str = "sparsity_mask"
         memory: str = "memory_utilization"

@@ -83,6 +83,7 @@ def test_a_plugin_failing_to_load_its_state_is_named(model):
         (validators.boolean, "yes", "must be true or false, got 'yes'"),
         (validators.non_empty_str, "", "must be a non-empty string, got ''"),
         (validators.one_of("mse", "l1"), "mae", r"must be one of 'mse', 'l1', got 'mae'"),
+        (validators.norm_order, -1, r"must be a number > 0 \(or inf for the max-abs norm\)"),
     ],
 )
 def test_validators_name_the_option(validator, value, message):
@@ -92,6 +93,12 @@ def test_validators_name_the_option(validator, value, message):
     with pytest.raises(steadytrain.OptionError, match=message) as info:
         validator(None, Attribute, value)
     assert info.value.option == "option"
+
+
+def test_check_applies_a_validator_to_a_plain_argument():
+    assert validators.check(3, validators.positive_int, "Buffer.capacity") == 3
+    with pytest.raises(ConfigError, match=r"^Buffer\.capacity: must be an integer >= 1, got 0$"):
+        validators.check(0, validators.positive_int, "Buffer.capacity")
 
 
 def test_validators_accept_good_values():

@@ -104,13 +104,13 @@ def test_gates_reported_twice_in_one_step_become_a_list_and_names_are_configurab
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"dim": 0}, "dim must be an integer >= 1, got 0"),
-        ({"dim": 4, "min_temperature": 0.0}, "min_temperature must be in (0.0, inf)"),
-        ({"dim": 4, "bias": (0.5, 0.5)}, "bias must have 3 values"),
+        ({"dim": 0}, "dim: must be an integer >= 1, got 0"),
+        ({"dim": 4, "min_temperature": 0.0}, "min_temperature: must be a positive number, got 0.0"),
+        ({"dim": 4, "bias": (0.5, 0.5)}, "bias: must have 3 values"),
     ],
 )
 def test_gate_rejects_bad_arguments(kwargs, message):
-    with pytest.raises(ValueError, match=re.escape("MemoryGate: " + message)):
+    with pytest.raises(ValueError, match=re.escape("MemoryGate." + message)):
         MemoryGate(**kwargs)
 
 
@@ -214,16 +214,16 @@ def test_soft_topk_reports_its_mask_into_the_open_step():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"dim": 4, "target_sparsity": 0.0}, "target_sparsity must be in (0.0, 1.0]"),
-        ({"dim": 4, "target_sparsity": 1.5}, "target_sparsity must be in (0.0, 1.0]"),
-        ({"dim": 4, "sharpness": -1.0}, "sharpness must be in (0.0, inf)"),
-        ({"dim": 2.5}, "dim must be an integer >= 1"),
+        ({"dim": 4, "target_sparsity": 0.0}, "target_sparsity: must be in (0.0, 1.0]"),
+        ({"dim": 4, "target_sparsity": 1.5}, "target_sparsity: must be in (0.0, 1.0]"),
+        ({"dim": 4, "sharpness": -1.0}, "sharpness: must be a positive number, got -1.0"),
+        ({"dim": 2.5}, "dim: must be an integer >= 1"),
     ],
 )
 def test_soft_topk_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError) as info:
         SoftTopK(**kwargs)
-    assert str(info.value).startswith("SoftTopK: " + message)
+    assert str(info.value).startswith("SoftTopK." + message)
 
 
 def test_soft_topk_rejects_inputs_of_the_wrong_width():
@@ -387,16 +387,16 @@ def test_buffer_state_dict_round_trip_continues_identically():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"capacity": 0, "dim": 2}, "capacity must be an integer >= 1, got 0"),
-        ({"capacity": 2, "dim": -1}, "dim must be an integer >= 1, got -1"),
-        ({"capacity": 2, "dim": 2, "decay": 1.5}, "decay must be in (0.0, 1.0], got 1.5"),
-        ({"capacity": 2, "dim": 2, "max_age": 0}, "max_age must be an integer >= 1, got 0"),
+        ({"capacity": 0, "dim": 2}, "capacity: must be an integer >= 1, got 0"),
+        ({"capacity": 2, "dim": -1}, "dim: must be an integer >= 1, got -1"),
+        ({"capacity": 2, "dim": 2, "decay": 1.5}, "decay: must be in (0.0, 1.0], got 1.5"),
+        ({"capacity": 2, "dim": 2, "max_age": 0}, "max_age: must be an integer >= 1, got 0"),
     ],
 )
 def test_buffer_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError) as info:
         MemoryBuffer(**kwargs)
-    assert str(info.value) == "MemoryBuffer: " + message
+    assert str(info.value) == "MemoryBuffer." + message
 
 
 def test_buffer_rejects_entries_and_queries_of_the_wrong_shape():
@@ -473,11 +473,11 @@ def test_dual_memory_implements_the_protocol_and_its_buffers_do_not():
 
 
 def test_consolidation_rejects_bad_threshold_and_mismatched_buffers():
-    with pytest.raises(ValueError, match="DualMemory: threshold must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"DualMemory\.threshold: must be an integer >= 1, got 0"):
         DualMemory(4, 8, 16, threshold=0)
-    with pytest.raises(ValueError, match=r"DualMemory: transfer_decay must be in \(0.0, 1.0\]"):
+    with pytest.raises(ValueError, match=r"DualMemory\.transfer_decay: must be in \(0.0, 1.0\]"):
         DualMemory(4, 8, 16, transfer_decay=0.0)
-    with pytest.raises(ValueError, match="consolidate_memories: threshold must be an integer"):
+    with pytest.raises(ValueError, match=r"consolidate_memories\.threshold: must be an integer"):
         consolidate_memories(MemoryBuffer(2, 2), MemoryBuffer(2, 2), threshold=-1)
     with pytest.raises(ValueError, match=r"MemoryBuffer\(capacity=2, dim=2.*same dim"):
         consolidate_memories(MemoryBuffer(2, 2), MemoryBuffer(2, 3), threshold=1)

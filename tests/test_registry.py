@@ -169,7 +169,7 @@ def test_cli_config_check_and_disable(site, tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text('[[plugins]]\nplugin = "grad_norm"\nnorm_type = -2\n')
     assert main(["check", str(bad)]) == 1
-    assert "bad.toml: plugins[0].norm_type: must be a positive number, got -2" in \
-        capsys.readouterr().err
+    assert "bad.toml: plugins[0].norm_type: must be a number > 0 (or inf for the max-abs " \
+           "norm), got -2" in capsys.readouterr().err
     assert main(["-p", "grad_norm", "plugins"]) == 1
     assert "only -p no:NAME" in capsys.readouterr().err

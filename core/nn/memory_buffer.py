@@ -36,7 +36,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import check_features, check_in_range, check_positive_int, describe
+from ..validators import check, positive_int
+from ._checks import FRACTION, check_features, describe
 
 
 class MemoryBuffer(nn.Module):
@@ -55,11 +56,11 @@ class MemoryBuffer(nn.Module):
     ) -> None:
         super().__init__()
         owner = type(self).__name__
-        self.capacity = check_positive_int(owner, "capacity", capacity)
-        self.dim = check_positive_int(owner, "dim", dim)
-        self.decay = check_in_range(owner, "decay", decay, 0.0, 1.0, include_high=True)
-        self.max_age = 2 * capacity if max_age is None else check_positive_int(
-            owner, "max_age", max_age
+        self.capacity = check(capacity, positive_int, f"{owner}.capacity")
+        self.dim = check(dim, positive_int, f"{owner}.dim")
+        self.decay = check(decay, FRACTION, f"{owner}.decay")
+        self.max_age = 2 * capacity if max_age is None else check(
+            max_age, positive_int, f"{owner}.max_age"
         )
         self.register_buffer("keys", torch.zeros(capacity, dim))
         self.register_buffer("values", torch.zeros(capacity, dim))
@@ -160,7 +161,7 @@ def consolidate_memories(
     ``mean_importance`` (their mean importance before the decay, 0 when none moved) as
     tensors on the buffers' device. Finding the candidates syncs the host once.
     """
-    check_positive_int("consolidate_memories", "threshold", threshold)
+    check(threshold, positive_int, "consolidate_memories.threshold")
     if short_term.dim != long_term.dim:
         raise ValueError(
             f"consolidate_memories: {describe(short_term)} and {describe(long_term)} must "
@@ -201,9 +202,9 @@ class DualMemory(nn.Module):
     ) -> None:
         super().__init__()
         owner = type(self).__name__
-        self.threshold = check_positive_int(owner, "threshold", threshold)
-        self.transfer_decay = check_in_range(
-            owner, "transfer_decay", transfer_decay, 0.0, 1.0, include_high=True
+        self.threshold = check(threshold, positive_int, f"{owner}.threshold")
+        self.transfer_decay = check(
+            transfer_decay, FRACTION, f"{owner}.transfer_decay"
         )
         self.stm = MemoryBuffer(stm_capacity, dim, decay=decay)
         self.ltm = MemoryBuffer(ltm_capacity, dim, decay=decay)

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from ..context import report
-from ._checks import check_features, check_in_range, check_positive_int, describe
+from ..errors import ConfigError
+from ..validators import check, positive, positive_int
+from ._checks import check_features, describe
 
 GATE_BIAS = (0.5, 0.3, 0.2)
 """Initial gate bias: current state, short-term memory, long-term memory."""
@@ -55,12 +57,14 @@ class MemoryGate(nn.Module):
     ) -> None:
         super().__init__()
         owner = type(self).__name__
-        self.dim = check_positive_int(owner, "dim", dim)
-        self.min_temperature = check_in_range(
-            owner, "min_temperature", min_temperature, 0.0, float("inf")
+        self.dim = check(dim, positive_int, f"{owner}.dim")
+        self.min_temperature = check(
+            min_temperature, positive, f"{owner}.min_temperature"
         )
         if len(bias) != 3:
-            raise ValueError(f"{owner}: bias must have 3 values (current, stm, ltm), got {bias!r}")
+            raise ConfigError(
+                f"{owner}.bias: must have 3 values (current, stm, ltm), got {bias!r}"
+            )
         self.report_as = report_as
         self.gate_proj = nn.Linear(3 * dim, 3)
         self.temperature = nn.Parameter(torch.ones(1))

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from ..context import report
-from ._checks import check_features, check_in_range, check_positive_int, describe
+from ..validators import check, positive, positive_int
+from ._checks import FRACTION, check_features, describe
 
 
 def gumbel_noise(uniform: torch.Tensor) -> torch.Tensor:
@@ -70,13 +71,13 @@ class SoftTopK(nn.Module):
     ) -> None:
         super().__init__()
         owner = type(self).__name__
-        self.dim = check_positive_int(owner, "dim", dim)
-        self.target_sparsity = check_in_range(
-            owner, "target_sparsity", target_sparsity, 0.0, 1.0, include_high=True
+        self.dim = check(dim, positive_int, f"{owner}.dim")
+        self.target_sparsity = check(
+            target_sparsity, FRACTION, f"{owner}.target_sparsity"
         )
-        self.sharpness = check_in_range(owner, "sharpness", sharpness, 0.0, float("inf"))
-        self.min_temperature = check_in_range(
-            owner, "min_temperature", min_temperature, 0.0, float("inf")
+        self.sharpness = check(sharpness, positive, f"{owner}.sharpness")
+        self.min_temperature = check(
+            min_temperature, positive, f"{owner}.min_temperature"
         )
         self.k = keep_count(dim, target_sparsity)
         self.report_as = report_as

@@ -49,7 +49,9 @@ def test_a_pattern_matching_no_parameter_is_an_error():
         pipe.setup(net, None)
 
 
-def test_norm_type_must_be_positive():
+def test_norm_type_must_be_positive_and_may_be_inf():
+    config = steadytrain.load_config({"plugins": [{"plugin": "grad_norm", "norm_type": math.inf}]})
+    assert config.plugins[0].options.norm_type == math.inf
     with pytest.raises(steadytrain.ConfigError, match=r"plugins\[0\]\.norm_type: must be a "
-                       r"positive number, got 0"):
+                       r"number > 0 \(or inf for the max-abs norm\), got 0"):
         steadytrain.load_config({"plugins": [{"plugin": "grad_norm", "norm_type": 0}]})

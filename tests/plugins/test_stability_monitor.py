@@ -197,7 +197,7 @@ def test_registered_and_configurable_from_toml(tmp_path):
         ("oscillation_threshold", -1.0, "must be a number >= 0"),
         ("grad_norm_threshold", -0.5, "must be a number >= 0"),
         ("check_every", 0, "must be an integer >= 1"),
-        ("norm_type", 0, "must be a positive number"),
+        ("norm_type", 0, "must be a number > 0 (or inf"),
         ("gates", 3, "expected a string"),
     ],
 )
