@@ -53,7 +53,7 @@ def main() -> None:
 
     pipe = steadytrain.Pipeline.from_config(args.config)
     pipe.setup(model, optimizer, total_steps=args.epochs * len(batches))
-    shown = ("loss/task", "loss/total", "grad_norm/norm", "guard/skipped",
+    shown = ("loss/task", "loss/total", "stability_monitor/grad_norm", "guard/skipped",
              "stability_monitor/loss_oscillation")
     for epoch in range(args.epochs):
         pipe.epoch_start(epoch)

@@ -138,6 +138,8 @@ def test_bad_weights_are_errors(registry, weight, message):
         ({"plugins": [{"decay": 0.5}]}, "plugins[0].plugin: missing"),
         ({"plugins": ["decaying"]}, "plugins[0]: expected a table with a 'plugin' key"),
         ({"plugins": "decaying"}, "plugins: expected a list of tables"),
+        ({"plugins": [{"plugin": 3}]}, "plugins[0].plugin: expected a plugin name, got 3"),
+        ([("plugins", [])], "a config is a table with a 'plugins' list, got list"),
         ({"plugins": [{"plugin": "decaying", "on_unmatched": "shout"}]},
          "plugins[0].on_unmatched: must be one of error, warn, ignore"),
         ({"plugins": [{"plugin": "decaying", "include": [1]}]},
@@ -160,6 +162,10 @@ def test_file_errors_name_the_file(tmp_path, registry):
     bad_yaml.write_text("plugins: [a, b\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
         load_config(bad_yaml, registry=registry)
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"plugins": [}')
+    with pytest.raises(ConfigError, match=r"bad\.json: not valid JSON"):
+        load_config(bad_json, registry=registry)
     ini = tmp_path / "c.ini"
     ini.write_text("")
     with pytest.raises(ConfigError, match=r"unknown config format '\.ini'"):
