@@ -44,10 +44,9 @@ from .filters import ON_UNMATCHED
 from .plugin import Plugin
 from .registry import Registry
 from .schedules import SCHEDULES, Constant, Schedule
+from .validators import one_of
 
-INSTANCE_KEYS = ("plugin", "id", "enabled", "weight", "include", "exclude", "on_unmatched")
 FINITE_CHECKS = ("auto", "step", "log")
-RUN_KEYS = ("plugins", "disable", "autoload", "finite_check")
 
 
 @attrs.frozen
@@ -61,7 +60,7 @@ class InstanceConfig:
     weight: Schedule = Constant(1.0)
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
-    on_unmatched: str = "error"
+    on_unmatched: str = attrs.field(default="error", validator=one_of(*ON_UNMATCHED))
 
     @property
     def key(self) -> str:
@@ -86,7 +85,37 @@ class RunConfig:
     plugins: tuple[InstanceConfig, ...] = ()
     disable: tuple[str, ...] = ()
     autoload: bool = True
-    finite_check: str = "auto"
+    finite_check: str = attrs.field(default="auto", validator=one_of(*FINITE_CHECKS))
+
+
+def _settings(cls: type) -> dict[str, Any]:
+    """The fields of *cls* that a config table sets directly, with their resolved types."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in attrs.fields(cls)
+            if f.name not in ("plugin", "options", "plugins")}
+
+
+def _structure_settings(raw: Mapping[str, Any], cls: type, path: str) -> tuple[dict, list[str]]:
+    """Structure and validate the fields of *cls* present in *raw*; return them and errors."""
+    fields = {f.name: f for f in attrs.fields(cls)}
+    settings: dict[str, Any] = {}
+    errors: list[str] = []
+    for key, kind in _settings(cls).items():
+        if key not in raw:
+            continue
+        try:
+            value = converter.structure(raw[key], kind)
+        except Exception as exc:
+            errors += error_messages(exc, f"{path}{key}")
+            continue
+        try:
+            if fields[key].validator is not None:
+                fields[key].validator(None, fields[key], value)
+        except OptionError as exc:
+            errors.append(f"{path}{key}: {exc.message}")
+            continue
+        settings[key] = value
+    return settings, errors
 
 
 def _expect(kind: str, ok: bool, value: Any) -> None:
@@ -156,6 +185,8 @@ def _make_converter() -> cattrs.Converter:
 
 
 converter = _make_converter()
+INSTANCE_KEYS = ("plugin", *_settings(InstanceConfig))
+RUN_KEYS = ("plugins", *_settings(RunConfig))
 
 
 def _field_names(cls: type) -> list[str]:
@@ -210,22 +241,8 @@ def _structure_instance(raw: Any, path: str, registry: Registry) -> InstanceConf
         raise ConfigError(f"{path}.plugin: {exc}") from None
     if factory is None:
         raise ConfigError(f"{path}.plugin: expected a plugin name, got {name!r}")
-    common = {k: raw[k] for k in INSTANCE_KEYS if k in raw and k != "plugin"}
     options = {k: v for k, v in raw.items() if k not in INSTANCE_KEYS}
-    errors: list[str] = []
-    settings: dict[str, Any] = {}
-    for key, kind in (("id", str | None), ("enabled", bool), ("weight", Schedule),
-                      ("include", tuple[str, ...]), ("exclude", tuple[str, ...]),
-                      ("on_unmatched", str)):
-        if key not in common:
-            continue
-        try:
-            settings[key] = converter.structure(common[key], kind)
-        except Exception as exc:
-            errors += error_messages(exc, f"{path}.{key}")
-    if settings.get("on_unmatched", "error") not in ON_UNMATCHED:
-        errors.append(f"{path}.on_unmatched: must be one of {', '.join(ON_UNMATCHED)}, "
-                      f"got {settings['on_unmatched']!r}")
+    settings, errors = _structure_settings(raw, InstanceConfig, f"{path}.")
     try:
         settings["options"] = structure_options(options, factory.Config, path)
     except ConfigError as exc:
@@ -244,16 +261,8 @@ def structure_config(raw: Mapping[str, Any], *, registry: Registry | None = None
         for key in raw
         if key not in RUN_KEYS
     ]
-    settings: dict[str, Any] = {}
-    for key, kind in (("disable", tuple[str, ...]), ("autoload", bool), ("finite_check", str)):
-        if key in raw:
-            try:
-                settings[key] = converter.structure(raw[key], kind)
-            except Exception as exc:
-                errors += error_messages(exc, key)
-    if settings.get("finite_check", "auto") not in FINITE_CHECKS:
-        errors.append(f"finite_check: must be one of {', '.join(FINITE_CHECKS)}, "
-                      f"got {settings['finite_check']!r}")
+    settings, setting_errors = _structure_settings(raw, RunConfig, "")
+    errors += setting_errors
     if registry is None:
         registry = Registry.discover(autoload=None if settings.get("autoload", True) else False)
     entries = raw.get("plugins", [])

@@ -141,10 +141,11 @@ def test_bad_weights_are_errors(registry, weight, message):
         ({"plugins": [{"plugin": 3}]}, "plugins[0].plugin: expected a plugin name, got 3"),
         ([("plugins", [])], "a config is a table with a 'plugins' list, got list"),
         ({"plugins": [{"plugin": "decaying", "on_unmatched": "shout"}]},
-         "plugins[0].on_unmatched: must be one of error, warn, ignore"),
+         "plugins[0].on_unmatched: must be one of 'error', 'warn', 'ignore', got 'shout'"),
         ({"plugins": [{"plugin": "decaying", "include": [1]}]},
          "plugins[0].include: expected a list of strings"),
-        ({"finite_check": "never"}, "finite_check: must be one of auto, step, log"),
+        ({"finite_check": "never"},
+         "finite_check: must be one of 'auto', 'step', 'log', got 'never'"),
     ],
 )
 def test_malformed_entries_are_errors(registry, raw, message):
