@@ -187,7 +187,7 @@ def bench_clip(model: torch.nn.Module, device: str, repeat: int) -> dict[str, fl
             groups=(ClipGroup("memory", ("*memory*",), max_norm=limit, clipping=limit),),
         ))
         pipe = steadytrain.Pipeline([plugin]).setup(model)
-        ctx = steadytrain.StepContext(pipe.run, 0, 0, None, instance=plugin.key)
+        ctx = steadytrain.StepContext(pipe.run, 0, 0, None, instance=plugin.id)
         results[f"grad_clip plugin, {mode} (2 groups)"] = timed(
             lambda plugin=plugin, ctx=ctx: plugin.after_backward(ctx), device, repeat
         )
@@ -252,7 +252,7 @@ def check_no_host_sync() -> str:
     try:
         for _ in range(3):
             for clip in clips:
-                ctx.instance = clip.key
+                ctx.id = clip.id
                 clip.after_backward(ctx)
             ema.update()
             clip_grad_groups_([list(model[0].parameters()), list(model[1].parameters())],

@@ -55,22 +55,18 @@ class InstanceConfig:
 
     plugin: str
     options: Any
-    id: str | None = None
+    id: str = attrs.field(default=attrs.Factory(lambda self: self.plugin, takes_self=True))
     enabled: bool = True
     weight: Schedule = Constant(1.0)
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     on_unmatched: str = attrs.field(default="error", validator=one_of(*ON_UNMATCHED))
 
-    @property
-    def key(self) -> str:
-        return self.id or self.plugin
-
     def build(self, factory: type[Plugin]) -> Plugin:
         """Make the plugin instance this entry describes."""
         return factory(
             self.options,
-            id=self.key,
+            id=self.id,
             weight=self.weight,
             include=self.include,
             exclude=self.exclude,
@@ -278,12 +274,12 @@ def structure_config(raw: Mapping[str, Any], *, registry: Registry | None = None
         except ConfigError as exc:
             errors += str(exc).splitlines()
             continue
-        if instance.key in seen:
+        if instance.id in seen:
             errors.append(
-                f"{path}.id: instance id {instance.key!r} is already used by "
-                f"plugins[{seen[instance.key]}]; give each instance of a plugin its own id"
+                f"{path}.id: instance id {instance.id!r} is already used by "
+                f"plugins[{seen[instance.id]}]; give each instance of a plugin its own id"
             )
-        seen[instance.key] = index
+        seen[instance.id] = index
         instances.append(instance)
     if errors:
         raise ConfigError("\n".join(errors))
@@ -342,7 +338,7 @@ def unstructure_config(config: RunConfig) -> dict[str, Any]:
     entries = []
     for inst in config.plugins:
         entry: dict[str, Any] = {"plugin": inst.plugin}
-        if inst.id is not None:
+        if inst.id != inst.plugin:
             entry["id"] = inst.id
         entry.update(
             enabled=inst.enabled,

@@ -109,10 +109,10 @@ class Run:
         naming the plugin.
         """
         if self.model is None:
-            raise ValueError(f"plugin instance {plugin.key!r} asks for taps but no model is bound")
+            raise ValueError(f"plugin instance {plugin.id!r} asks for taps but no model is bound")
         patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
         modules = dict(self.model.named_modules())
-        names = VariableFilter(include=patterns, owner=f"{plugin.key}.taps").select(
+        names = VariableFilter(include=patterns, owner=f"{plugin.id}.taps").select(
             [n for n in modules if n], kind="module"
         )
         for name in names:
@@ -139,7 +139,7 @@ class Run:
 
     def log(self, plugin: Plugin, name: str, value: torch.Tensor | float) -> None:
         """Record a metric ``<instance>/<name>`` from a lifecycle hook; stays on the device."""
-        self.metrics.record(f"{plugin.key}/{name}", value, step=self.step)
+        self.metrics.record(f"{plugin.id}/{name}", value, step=self.step)
 
     def remove_taps(self) -> None:
         for handle in self._tap_handles:
@@ -152,7 +152,7 @@ class Run:
 class SkipRequest:
     """A plugin's request that the host not step the optimizer this time."""
 
-    instance: str
+    id: str
     reason: str
     when: bool | torch.Tensor = True
 
@@ -183,7 +183,7 @@ class StepOutcome:
     @property
     def reasons(self) -> list[str]:
         """``"instance: reason"`` for every request whose condition holds."""
-        return [f"{r.instance}: {r.reason}" for r in self.requests if bool(r.when)]
+        return [f"{r.id}: {r.reason}" for r in self.requests if bool(r.when)]
 
     @property
     def flag(self) -> torch.Tensor | bool:
@@ -223,14 +223,14 @@ class StepContext:
     reported: set[str] = attrs.Factory(set)
     skip_requests: list[SkipRequest] = attrs.Factory(list)
     outcome: StepOutcome | None = None
-    instance: str = ""
+    id: str = ""
     staged: list[tuple[str, torch.Tensor | float]] = attrs.Factory(list)
     weights: Mapping[str, float] = attrs.Factory(dict)
 
     @property
     def weight(self) -> float:
         """The weight the core applies this step to the running instance's terms."""
-        return self.weights.get(self.instance, 1.0)
+        return self.weights.get(self.id, 1.0)
 
     @property
     def skipped(self) -> bool:
@@ -274,7 +274,7 @@ class StepContext:
         except KeyError:
             present = ", ".join(sorted(self.outputs)) or "(none)"
             raise ValueError(
-                f"{self.instance}.{option}: no output {name!r} in this step; the outputs "
+                f"{self.id}.{option}: no output {name!r} in this step; the outputs "
                 f"are: {present}. Report it from the model with steadytrain.report({name!r}, "
                 f"tensor), pass it to compute_loss(outputs=...), or set {option}."
             ) from None
@@ -283,12 +283,12 @@ class StepContext:
         """Record a scalar metric as ``<instance>/<name>``; stays on the device."""
         if isinstance(value, torch.Tensor) and value.numel() != 1:
             raise ValueError(
-                f"{self.instance}: metric {name!r} must be a scalar, got a tensor of shape "
+                f"{self.id}: metric {name!r} must be a scalar, got a tensor of shape "
                 f"{tuple(value.shape)}"
             )
         # Staged, and detached by the pipeline after the backward: a detached alias of a
         # tensor that backward is about to use slows that backward down.
-        self.staged.append((f"{self.instance}/{name}", value))
+        self.staged.append((f"{self.id}/{name}", value))
 
     def request_skip(self, reason: str, *, when: bool | torch.Tensor = True) -> None:
         """Ask the host not to step the optimizer this time, if *when* holds.
@@ -296,4 +296,4 @@ class StepContext:
         *when* may be a boolean device tensor: nothing is synced until the host reads
         the outcome.
         """
-        self.skip_requests.append(SkipRequest(self.instance, reason, when))
+        self.skip_requests.append(SkipRequest(self.id, reason, when))

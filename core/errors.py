@@ -25,9 +25,9 @@ class RegistryError(SteadytrainError):
 class HookError(SteadytrainError):
     """A plugin raised inside a hook; the original exception is the ``__cause__``."""
 
-    def __init__(self, message: str, *, instance: str, hook: str, step: int) -> None:
+    def __init__(self, message: str, *, id: str, hook: str, step: int) -> None:
         super().__init__(message)
-        self.instance = instance
+        self.id = id
         self.hook = hook
         self.step = step
 

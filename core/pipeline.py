@@ -85,7 +85,7 @@ class Pipeline:
         self._is_setup = False
         self._closed = False
         for plugin in plugins:
-            self._add(plugin, getattr(plugin, "key", None) or _name_of(plugin))
+            self._add(plugin, getattr(plugin, "id", None) or _name_of(plugin))
         self._assemble()
 
     # -- assembly -------------------------------------------------------------------
@@ -108,7 +108,7 @@ class Pipeline:
         config = load_config(source, registry=registry)
         if registry is None:
             registry = Registry.discover(autoload=None if config.autoload else False)
-        known = {inst.plugin for inst in config.plugins} | {inst.key for inst in config.plugins}
+        known = {inst.plugin for inst in config.plugins} | {inst.id for inst in config.plugins}
         known |= set(registry.names())
         for name in (*config.disable, *disable):
             if name not in known:
@@ -120,10 +120,10 @@ class Pipeline:
         disabled = set(config.disable) | set(disable) | env
         instances, versions = [], {}
         for inst in config.plugins:
-            if not inst.enabled or inst.plugin in disabled or inst.key in disabled:
+            if not inst.enabled or inst.plugin in disabled or inst.id in disabled:
                 continue
             instances.append(inst.build(registry.get(inst.plugin)))
-            versions[inst.key] = registry.entry(inst.plugin).version
+            versions[inst.id] = registry.entry(inst.plugin).version
         pipeline = cls(instances, finite_check=config.finite_check)
         pipeline.versions.update(versions)
         return pipeline
@@ -135,7 +135,7 @@ class Pipeline:
         """
         if self._is_setup:
             raise RuntimeError("register() must be called before setup()")
-        key = name or getattr(plugin, "key", None) or _name_of(plugin)
+        key = name or getattr(plugin, "id", None) or _name_of(plugin)
         self._add(plugin, key)
         try:
             self._assemble()
@@ -215,7 +215,7 @@ class Pipeline:
         is_step = type(arg) is StepContext
         for key, function, takes_arg in dispatch:
             if is_step:
-                arg.instance = key
+                arg.id = key
             try:
                 result = function(arg) if takes_arg else function()
             except SteadytrainError as exc:
@@ -226,7 +226,7 @@ class Pipeline:
                 raise HookError(
                     f"plugin instance {key!r} ({_name_of(plugin)}) raised "
                     f"{type(exc).__name__} in {hook} at step {self.run.step}: {exc}",
-                    instance=key, hook=hook, step=self.run.step,
+                    id=key, hook=hook, step=self.run.step,
                 ) from exc
             if result is not None:
                 results.append((key, result))

@@ -60,15 +60,15 @@ class Plugin:
                 f"got {type(config).__name__}"
             )
         self.config = config
-        self.key = id or self.name
+        self.id = id or self.name
         self.weight: Schedule = Constant(weight) if isinstance(weight, (int, float)) else weight
         if self.weight.lowest < 0 and not self.allows_negative_weight:
             raise ConfigError(
-                f"{self.key}.weight: must be >= 0, got a weight that reaches "
+                f"{self.id}.weight: must be >= 0, got a weight that reaches "
                 f"{self.weight.lowest}; a negative weight rewards what {self.name} penalizes"
             )
         self.filter = VariableFilter(
-            include=tuple(include), exclude=tuple(exclude), owner=self.key,
+            include=tuple(include), exclude=tuple(exclude), owner=self.id,
             on_unmatched=on_unmatched,
         )
 
@@ -86,7 +86,7 @@ class Plugin:
         """Restore what :meth:`state_dict` returned; called after ``setup``."""
         if state:
             raise CheckpointError(
-                f"plugin instance {self.key!r} ({self.name}) keeps no state but the "
+                f"plugin instance {self.id!r} ({self.name}) keeps no state but the "
                 f"checkpoint has {sorted(state)}"
             )
 
@@ -95,7 +95,7 @@ class Plugin:
         expected = sorted(keys)
         if sorted(state) != expected:
             raise CheckpointError(
-                f"plugin instance {self.key!r} ({self.name}): the checkpoint state has keys "
+                f"plugin instance {self.id!r} ({self.name}): the checkpoint state has keys "
                 f"{sorted(state)}, expected {expected}; was it saved by another version?"
             )
 
@@ -104,4 +104,4 @@ class Plugin:
         return ()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(id={self.key!r}, config={self.config!r})"
+        return f"{type(self).__name__}(id={self.id!r}, config={self.config!r})"

@@ -54,7 +54,7 @@ def reject_filter(plugin: steadytrain.Plugin, reason: str) -> None:
     """
     if plugin.filter.include != ("*",) or plugin.filter.exclude:
         raise steadytrain.ConfigError(
-            f"{plugin.key}.include: include/exclude have nothing to select here: {reason}. "
+            f"{plugin.id}.include: include/exclude have nothing to select here: {reason}. "
             "Remove them from this instance."
         )
 
@@ -92,7 +92,7 @@ class TensorRegularizer(steadytrain.Plugin):
             self._modules = self.filter.select(tapped, kind="tapped module")
             if not self._modules:
                 raise steadytrain.FilterError(
-                    f"{self.key}.exclude: excludes every module that taps matched "
+                    f"{self.id}.exclude: excludes every module that taps matched "
                     f"({', '.join(tapped)}); there is no {self.what} left to regularize"
                 )
         else:
@@ -116,7 +116,7 @@ class TensorRegularizer(steadytrain.Plugin):
                 problem = self.check_values(tensor)
                 if problem is not None:
                     raise ValueError(
-                        f"{self.key}: {label} is not a valid {self.what}: {problem} "
+                        f"{self.id}: {label} is not a valid {self.what}: {problem} "
                         "(set check = 'never' to skip this check)"
                     )
             self._checked = True
@@ -125,7 +125,7 @@ class TensorRegularizer(steadytrain.Plugin):
             try:
                 terms.append(term(tensor))
             except ValueError as exc:
-                raise ValueError(f"{self.key}: {label}: {exc}") from None
+                raise ValueError(f"{self.id}: {label}: {exc}") from None
         return mean_of(terms)
 
     def _check_due(self, tensor: torch.Tensor) -> bool:
@@ -143,7 +143,7 @@ class TensorRegularizer(steadytrain.Plugin):
         value = ctx.output(key, option="key")
         values = list(value) if isinstance(value, (list, tuple)) else [value]
         if not values:
-            raise ValueError(f"{self.key}.key: outputs[{key!r}] is an empty list")
+            raise ValueError(f"{self.id}.key: outputs[{key!r}] is an empty list")
         labels = [f"outputs[{key!r}]"] if len(values) == 1 else [
             f"outputs[{key!r}] (report {i + 1} of {len(values)})" for i in range(len(values))
         ]
@@ -154,7 +154,7 @@ class TensorRegularizer(steadytrain.Plugin):
     def _tap_output(self, ctx: steadytrain.StepContext, name: str) -> torch.Tensor:
         if name not in ctx.taps:
             raise ValueError(
-                f"{self.key}.taps: module {name!r} did not run in this forward pass, so there "
+                f"{self.id}.taps: module {name!r} did not run in this forward pass, so there "
                 f"is no {self.what} to regularize"
             )
         output, index = ctx.taps[name], self.config.tap_element
@@ -162,19 +162,19 @@ class TensorRegularizer(steadytrain.Plugin):
         if isinstance(output, (tuple, list)):
             if index is None:
                 raise ValueError(
-                    f"{self.key}.tap_element: module {name!r} returns a {type(output).__name__} "
+                    f"{self.id}.tap_element: module {name!r} returns a {type(output).__name__} "
                     f"of {len(output)} items; set tap_element to the index of the {self.what}"
                 )
             if index >= len(output):
                 raise ValueError(
-                    f"{self.key}.tap_element: {index} is out of range for module {name!r}, "
+                    f"{self.id}.tap_element: {index} is out of range for module {name!r}, "
                     f"which returns {len(output)} items"
                 )
             output = output[index]
             label = f"tap {name!r} element {index}"
         elif index is not None:
             raise ValueError(
-                f"{self.key}.tap_element: module {name!r} returns a single "
+                f"{self.id}.tap_element: module {name!r} returns a single "
                 f"{type(output).__name__}, not a tuple; remove tap_element"
             )
         self._require_tensor(output, label, "taps")
@@ -183,7 +183,7 @@ class TensorRegularizer(steadytrain.Plugin):
     def _require_tensor(self, value: Any, label: str, option: str) -> None:
         if not isinstance(value, torch.Tensor):
             raise ValueError(
-                f"{self.key}.{option}: {label} is a {type(value).__name__}, not a tensor"
+                f"{self.id}.{option}: {label} is a {type(value).__name__}, not a tensor"
             )
 
 

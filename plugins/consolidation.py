@@ -99,19 +99,19 @@ class ScheduledConsolidation(steadytrain.Plugin):
     def setup(self, run: steadytrain.Run) -> None:
         if run.model is None:
             raise steadytrain.ConfigError(
-                f"{self.key}: no model is bound; pass the model to Pipeline.setup()"
+                f"{self.id}: no model is bound; pass the model to Pipeline.setup()"
             )
         found = consolidating_modules(run.model)
         if not found:
             raise steadytrain.ConfigError(
-                f"{self.key}: the model has no module with a consolidate() method "
+                f"{self.id}: the model has no module with a consolidate() method "
                 "(steadytrain.nn.Consolidating, e.g. steadytrain.nn.DualMemory); add one "
                 "or remove this plugin"
             )
         names = self.filter.select(found, kind="consolidating module")
         if not names:
             raise steadytrain.FilterError(
-                f"{self.key}: include/exclude leave none of the consolidating modules "
+                f"{self.id}: include/exclude leave none of the consolidating modules "
                 f"({', '.join(repr(n) for n in found)}); loosen exclude"
             )
         self.modules = {name: found[name] for name in names}
@@ -139,7 +139,7 @@ class ScheduledConsolidation(steadytrain.Plugin):
         self.last_step = step
         self.runs += 1
         log.info(
-            "consolidation.ran", instance=self.key, step=step, epoch=run.epoch,
+            "consolidation.ran", id=self.id, step=step, epoch=run.epoch,
             trigger=trigger, modules=list(self.modules),
         )
 

@@ -331,7 +331,7 @@ class CorrectorPenalty(steadytrain.Plugin):
         if normalizer is not None:
             if not isinstance(getattr(normalizer, "std", None), Mapping):
                 raise TypeError(
-                    f"{self.key}: bind(normalizer=...) needs an object whose 'std' is a mapping "
+                    f"{self.id}: bind(normalizer=...) needs an object whose 'std' is a mapping "
                     f"of variable names to scales, got {type(normalizer).__name__}"
                 )
             self._normalizer = normalizer
@@ -345,16 +345,16 @@ class CorrectorPenalty(steadytrain.Plugin):
         cfg = self.config
         self._trainable = any(p.requires_grad for _, p in run.named_parameters())
         if cfg.std_file is not None:
-            table = _load_table(cfg.std_file, f"{self.key}.std_file")
+            table = _load_table(cfg.std_file, f"{self.id}.std_file")
             if not isinstance(table, Mapping):
                 raise steadytrain.ConfigError(
-                    f"{self.key}.std_file: {cfg.std_file!r} must hold a mapping of variable "
+                    f"{self.id}.std_file: {cfg.std_file!r} must hold a mapping of variable "
                     f"names to std, got {type(table).__name__}"
                 )
             self._file_std = dict(table)
         if cfg.area_weights_file is not None:
             self._area_weights = torch.as_tensor(
-                _load_table(cfg.area_weights_file, f"{self.key}.area_weights_file"),
+                _load_table(cfg.area_weights_file, f"{self.id}.area_weights_file"),
                 dtype=torch.float32,
             )
 
@@ -362,15 +362,15 @@ class CorrectorPenalty(steadytrain.Plugin):
 
     def _std_of(self, name: str) -> float:
         for where, table in (
-            (f"{self.key}.std[{name!r}]", self.config.std),
-            (f"{self.key}: the bound normalizer's std[{name!r}]",
+            (f"{self.id}.std[{name!r}]", self.config.std),
+            (f"{self.id}: the bound normalizer's std[{name!r}]",
              self._normalizer.std if self._normalizer is not None else {}),
-            (f"{self.key}.std_file[{name!r}]", self._file_std),
+            (f"{self.id}.std_file[{name!r}]", self._file_std),
         ):
             if name in table:
                 return _as_std(table[name], where)
         raise steadytrain.ConfigError(
-            f"{self.key}.std: no std for the corrected variable {name!r}; add it to the std "
+            f"{self.id}.std: no std for the corrected variable {name!r}; add it to the std "
             f"table (std = {{ {name} = ... }}), to std_file, or to the normalizer given with "
             "bind(normalizer=...)"
         )
@@ -388,26 +388,26 @@ class CorrectorPenalty(steadytrain.Plugin):
         )
         if first and not selected:
             raise steadytrain.FilterError(
-                f"{self.key}: include {list(self.filter.include)} and exclude "
+                f"{self.id}: include {list(self.filter.include)} and exclude "
                 f"{list(self.filter.exclude)} select none of the corrected variables "
                 f"({', '.join(names)}); the penalty would do nothing"
             )
         weights = {}
         for pattern, value in self.config.variable_weights.items():
             matched = steadytrain.VariableFilter(
-                include=(pattern,), owner=f"{self.key}.variable_weights",
+                include=(pattern,), owner=f"{self.id}.variable_weights",
                 on_unmatched=on_unmatched,
             ).select(names, kind="corrected variable")
             for name in matched:
                 weights.setdefault(name, value)
         if self.config.loss == "area_mse" and self._area_weights is None:
             raise steadytrain.ConfigError(
-                f"{self.key}.loss: 'area_mse' needs per-cell area weights; set "
+                f"{self.id}.loss: 'area_mse' needs per-cell area weights; set "
                 "area_weights_file or call bind(area_weights=...)"
             )
         if self.config.loss != "area_mse" and self._area_weights is not None:
             raise steadytrain.ConfigError(
-                f"{self.key}.area_weights_file: area weights are only used by loss "
+                f"{self.id}.area_weights_file: area weights are only used by loss "
                 f"'area_mse', not {self.config.loss!r}; drop them or set loss = 'area_mse'"
             )
         if self._area_weights is not None:
@@ -426,7 +426,7 @@ class CorrectorPenalty(steadytrain.Plugin):
     # -- checks --------------------------------------------------------------------------
 
     def _where(self, name: str) -> str:
-        return f"{self.key}: corrections[{name!r}] (from outputs[{self.config.source!r}])"
+        return f"{self.id}: corrections[{name!r}] (from outputs[{self.config.source!r}])"
 
     def _tensor_of(self, name: str, entry: Any) -> torch.Tensor:
         if isinstance(entry, Correction):
@@ -466,7 +466,7 @@ class CorrectorPenalty(steadytrain.Plugin):
 
     def _detached(self, name: str, why: str) -> None:
         message = (
-            f"{self.key}: the corrections of {name!r} carry no gradient to the model ({why}); "
+            f"{self.id}: the corrections of {name!r} carry no gradient to the model ({why}); "
             "the penalty would silently do nothing. Apply the corrector with differentiable "
             "ops (torch.clamp, not a straight-through estimator x + (clamp(x) − x).detach()), "
             "or set on_detached = 'warn'"
@@ -507,7 +507,7 @@ class CorrectorPenalty(steadytrain.Plugin):
         for entry in sets:
             if not isinstance(entry, Mapping):
                 raise TypeError(
-                    f"{self.key}: outputs[{source!r}] must hold one mapping of variable → "
+                    f"{self.id}: outputs[{source!r}] must hold one mapping of variable → "
                     f"correction per forward step, got {type(entry).__name__}"
                 )
         return sets

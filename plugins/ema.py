@@ -105,7 +105,7 @@ class EMA(steadytrain.Plugin):
     @steadytrain.hookimpl
     def setup(self, run: steadytrain.Run) -> None:
         if run.model is None:
-            raise steadytrain.ConfigError(f"{self.key}: the ema plugin needs a model in setup()")
+            raise steadytrain.ConfigError(f"{self.id}: the ema plugin needs a model in setup()")
         tensors = dict(run.model.named_parameters())
         if self.config.buffers:
             tensors.update(run.model.named_buffers())
@@ -113,7 +113,7 @@ class EMA(steadytrain.Plugin):
         selected = self.filter.select(list(tensors), kind=kind)
         if not selected:
             raise steadytrain.FilterError(
-                f"{self.key}.include/exclude: the patterns select no {kind}; "
+                f"{self.id}.include/exclude: the patterns select no {kind}; "
                 "nothing would be averaged"
             )
         # Integer buffers (BatchNorm's batch counter) cannot be averaged; the model's own
@@ -285,7 +285,7 @@ class EMA(steadytrain.Plugin):
             missing = sorted(set(self.names) - set(shadow))
             extra = sorted(set(shadow) - set(self.names))
             raise steadytrain.CheckpointError(
-                f"{self.key}: the checkpoint averages other tensors (missing: "
+                f"{self.id}: the checkpoint averages other tensors (missing: "
                 f"{', '.join(missing) or 'none'}; extra: {', '.join(extra) or 'none'}); "
                 "load it with the include/exclude/buffers it was saved with"
             )
@@ -293,7 +293,7 @@ class EMA(steadytrain.Plugin):
         for name, mine, theirs in zip(self.names, self.shadow, saved, strict=True):
             if mine.shape != theirs.shape:
                 raise steadytrain.CheckpointError(
-                    f"{self.key}: shadow of {name!r} has shape {tuple(theirs.shape)} in the "
+                    f"{self.id}: shadow of {name!r} has shape {tuple(theirs.shape)} in the "
                     f"checkpoint but {tuple(mine.shape)} in the model"
                 )
         torch._foreach_copy_(self._averages(), saved)

@@ -133,7 +133,7 @@ class GateEntropy(GateRegularizer):
         limit = math.log(size)
         if self.config.target > limit:
             warnings.warn(
-                f"{self.key}.target: {self.config.target:g} is above the largest entropy of a "
+                f"{self.id}.target: {self.config.target:g} is above the largest entropy of a "
                 f"{size}-way gate, ln {size} = {limit:.4f}; using {limit:.4f}, which pushes "
                 f"toward uniform gates. Set target <= {limit:.4f} to aim lower.",
                 stacklevel=2,

@@ -253,13 +253,13 @@ class GradClip(steadytrain.Plugin):
         for group in config.groups:
             group_filter = steadytrain.VariableFilter(
                 include=group.include, exclude=group.exclude,
-                owner=f"{self.key}.groups.{group.name}",
+                owner=f"{self.id}.groups.{group.name}",
                 on_unmatched=self.filter.on_unmatched,
             )
             for name in group_filter.select(selected, kind="parameter"):
                 if name in owner:
                     raise steadytrain.ConfigError(
-                        f"{self.key}.groups: parameter {name!r} is in both group "
+                        f"{self.id}.groups: parameter {name!r} is in both group "
                         f"{owner[name]!r} and group {group.name!r}; a parameter's gradient "
                         "belongs to one group: narrow the include patterns or add an exclude"
                     )
@@ -324,7 +324,7 @@ class GradClip(steadytrain.Plugin):
         names = [g.name for g in self.groups]
         if list(state.get("groups", ())) != names:
             raise steadytrain.CheckpointError(
-                f"{self.key}: the checkpoint has groups {list(state.get('groups', ()))} but "
+                f"{self.id}: the checkpoint has groups {list(state.get('groups', ()))} but "
                 f"this run has {names}; load it with the groups it was saved with"
             )
         self.mean = state["mean"].to(self._device, torch.float32, copy=True)

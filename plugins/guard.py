@@ -240,7 +240,7 @@ class Guard(steadytrain.Plugin):
     def setup(self, run: steadytrain.Run) -> None:
         if self.config.snapshot_every and run.model is None:
             raise steadytrain.ConfigError(
-                f"{self.key}.snapshot_every: snapshots need the model; pass it to "
+                f"{self.id}.snapshot_every: snapshots need the model; pass it to "
                 "pipe.setup(model, optimizer) or set snapshot_every = 0"
             )
         named = run.named_parameters()
@@ -270,7 +270,7 @@ class Guard(steadytrain.Plugin):
         if ctx.task_loss is None:
             if self.needs_loss:
                 raise steadytrain.ConfigError(
-                    f"{self.key}: no task loss this step; pass it to pipe.compute_loss(loss), "
+                    f"{self.id}: no task loss this step; pass it to pipe.compute_loss(loss), "
                     "or set check_loss = false and spike_factor = 0 to guard gradients only"
                 )
             return
@@ -287,7 +287,7 @@ class Guard(steadytrain.Plugin):
         if self.needs_loss:
             if self._loss is None:
                 raise RuntimeError(
-                    f"{self.key}: after_backward() without compute_loss(): call "
+                    f"{self.id}: after_backward() without compute_loss(): call "
                     "pipe.compute_loss(loss) for every micro-batch"
                 )
             loss = self._loss / ctx.num_micro_batches
@@ -328,14 +328,14 @@ class Guard(steadytrain.Plugin):
         self.longest.copy_(self.run_length)
         by_cause = dict(zip(CAUSES, counts, strict=True))
         if by_cause["skipped"] > self.reported_skips:
-            log.warning("guard.skipped", instance=self.key, step=step,
+            log.warning("guard.skipped", id=self.id, step=step,
                         new=by_cause["skipped"] - self.reported_skips, consecutive=run_length,
                         **{f"total_{k}": v for k, v in by_cause.items()})
             self.reported_skips = by_cause["skipped"]
         limit = self.config.max_consecutive_skips
         if longest >= limit:
             raise RuntimeError(
-                f"{self.key}: {longest} optimizer steps in a row were skipped "
+                f"{self.id}: {longest} optimizer steps in a row were skipped "
                 f"(max_consecutive_skips = {limit}); causes so far: "
                 + ", ".join(f"{k} {v}" for k, v in by_cause.items() if k != "skipped")
                 + ". Lower the learning rate, check the data near this step, or resume "
@@ -353,10 +353,10 @@ class Guard(steadytrain.Plugin):
         """Copy the last snapshot back into the model and the optimizers' state."""
         self.restored = True
         if self._snapshot is None or not self._snapshot.model:
-            log.warning("guard.no_snapshot", instance=self.key, step=step)
+            log.warning("guard.no_snapshot", id=self.id, step=step)
             return
         self._snapshot.restore(self._live, self._optimizers)
-        log.warning("guard.restored", instance=self.key, step=step)
+        log.warning("guard.restored", id=self.id, step=step)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -373,7 +373,7 @@ class Guard(steadytrain.Plugin):
         self.check_state(state, self.state_dict())
         if state["history"].shape != self.history.shape:
             raise steadytrain.CheckpointError(
-                f"{self.key}.window: the checkpoint holds {state['history'].numel()} losses "
+                f"{self.id}.window: the checkpoint holds {state['history'].numel()} losses "
                 f"but window = {self.config.window}; resume with the window it was saved with"
             )
         for name in ("history", "count", "counters", "run_length", "longest"):

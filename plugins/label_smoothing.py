@@ -124,7 +124,7 @@ class LabelSmoothing(steadytrain.Plugin):
                 logits, targets, config.smoothing, config.ignore_index, config.class_dim
             )
         except ValueError as exc:
-            raise ValueError(f"{self.key}: {exc}") from None
+            raise ValueError(f"{self.id}: {exc}") from None
         return {"smoothing": term}
 
     def _logits(self, ctx: steadytrain.StepContext) -> torch.Tensor:
@@ -132,7 +132,7 @@ class LabelSmoothing(steadytrain.Plugin):
         logits = ctx.output(key, option="logits_key")
         if not isinstance(logits, torch.Tensor):
             raise ValueError(
-                f"{self.key}.logits_key: outputs[{key!r}] is a {type(logits).__name__}, "
+                f"{self.id}.logits_key: outputs[{key!r}] is a {type(logits).__name__}, "
                 "not a tensor"
             )
         return logits
@@ -142,7 +142,7 @@ class LabelSmoothing(steadytrain.Plugin):
         if key is None:
             if isinstance(targets, Mapping):
                 raise ValueError(
-                    f"{self.key}.targets_key: the targets are a mapping with keys "
+                    f"{self.id}.targets_key: the targets are a mapping with keys "
                     f"{', '.join(map(str, targets))}; set targets_key to the one that holds "
                     "the class indices"
                 )
@@ -152,14 +152,14 @@ class LabelSmoothing(steadytrain.Plugin):
                 present = (", ".join(map(str, targets)) if isinstance(targets, Mapping)
                            else f"not a mapping but a {type(targets).__name__}")
                 raise ValueError(
-                    f"{self.key}.targets_key: no entry {key!r} in the step's targets "
+                    f"{self.id}.targets_key: no entry {key!r} in the step's targets "
                     f"({present}); pass before_step(targets={{{key!r}: labels}}) or fix "
                     "targets_key"
                 )
             targets, where = targets[key], f"targets[{key!r}]"
         if not isinstance(targets, torch.Tensor):
             raise ValueError(
-                f"{self.key}.targets_key: the step's {where} is a {type(targets).__name__}, "
+                f"{self.id}.targets_key: the step's {where} is a {type(targets).__name__}, "
                 "not a tensor of class indices; pass before_step(targets=...)"
             )
         return targets

@@ -198,17 +198,17 @@ class StabilityMonitor(steadytrain.Plugin):
         if self.steps < 2:
             ratio = float("nan")
         if cfg.oscillation_threshold and ratio > cfg.oscillation_threshold:
-            log.warning("stability.oscillation", instance=self.key, step=step,
+            log.warning("stability.oscillation", id=self.id, step=step,
                         ratio=round(ratio, 3), threshold=cfg.oscillation_threshold,
                         window=min(self.steps, cfg.window), advice=OSCILLATION_ADVICE)
         if cfg.grad_norm_threshold and peak > cfg.grad_norm_threshold:
-            log.warning("stability.grad_norm", instance=self.key, step=step,
+            log.warning("stability.grad_norm", id=self.id, step=step,
                         peak=round(peak, 4), threshold=cfg.grad_norm_threshold,
                         advice=GRAD_NORM_ADVICE)
         missing = [k for k in (cfg.gates, cfg.mask, cfg.memory) if k not in self.seen]
         if missing and not self.absent_reported:
             self.absent_reported = True
-            log.info("stability.outputs_absent", instance=self.key, keys=missing,
+            log.info("stability.outputs_absent", id=self.id, keys=missing,
                      hint="these outputs never appeared; set gates/mask/memory to the names "
                           "the model reports, if it reports them")
         return {"loss_oscillation": ratio, "peak_grad_norm": peak}
@@ -221,7 +221,7 @@ class StabilityMonitor(steadytrain.Plugin):
         self.check_state(state, ("losses", "peak_grad_norm", "steps"))
         if state["losses"].shape != self.losses.shape:
             raise steadytrain.CheckpointError(
-                f"{self.key}.window: the checkpoint holds {state['losses'].numel()} losses "
+                f"{self.id}.window: the checkpoint holds {state['losses'].numel()} losses "
                 f"but window = {self.config.window}; resume with the window it was saved with"
             )
         self.losses.copy_(state["losses"])

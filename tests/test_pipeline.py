@@ -17,19 +17,19 @@ class Recorder(steadytrain.Plugin):
 
     @hookimpl
     def before_step(self, ctx):
-        self.calls.append((self.key, "before_step"))
+        self.calls.append((self.id, "before_step"))
 
     @hookimpl
     def compute_regularizers(self, ctx):
-        self.calls.append((self.key, "compute_regularizers"))
+        self.calls.append((self.id, "compute_regularizers"))
 
     @hookimpl
     def after_backward(self, ctx):
-        self.calls.append((self.key, "after_backward"))
+        self.calls.append((self.id, "after_backward"))
 
     @hookimpl
     def consolidate(self, ctx):
-        self.calls.append((self.key, "consolidate"))
+        self.calls.append((self.id, "consolidate"))
 
 
 class Last(Recorder):
@@ -37,7 +37,7 @@ class Last(Recorder):
 
     @hookimpl(trylast=True)
     def after_backward(self, ctx):
-        self.calls.append((self.key, "after_backward"))
+        self.calls.append((self.id, "after_backward"))
 
 
 class First(Recorder):
@@ -45,7 +45,7 @@ class First(Recorder):
 
     @hookimpl(tryfirst=True)
     def after_backward(self, ctx):
-        self.calls.append((self.key, "after_backward"))
+        self.calls.append((self.id, "after_backward"))
 
 
 class Counter(steadytrain.Plugin):

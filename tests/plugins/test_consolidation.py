@@ -148,7 +148,7 @@ def test_a_consolidation_emits_a_structlog_event():
         drive(pipe, model, 2)
     events = [e for e in logs if e["event"] == "consolidation.ran"]
     assert events == [{
-        "event": "consolidation.ran", "log_level": "info", "instance": "scheduled_consolidation",
+        "event": "consolidation.ran", "log_level": "info", "id": "scheduled_consolidation",
         "step": 2, "epoch": 0, "trigger": "interval", "modules": ["enc.memory"],
     }]
     assert int(model.dec["memory"].calls) == 0

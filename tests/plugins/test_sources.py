@@ -80,12 +80,12 @@ class Reporter(torch.nn.Module):
 
     def __init__(self, key, make):
         super().__init__()
-        self.key, self.make = key, make
+        self.id, self.make = key, make
         self.proj = torch.nn.Linear(3, 3)
 
     def forward(self, x):
         h = self.proj(x)
-        steadytrain.report(self.key, self.make(h))
+        steadytrain.report(self.id, self.make(h))
         return h
 
 
