@@ -1,0 +1,1 @@
+"""Adapters that put a pipeline into the trainers people already use."""
