@@ -24,6 +24,8 @@ from .errors import (
     RegistryError,
     SteadytrainError,
     TermError,
+    TrainingError,
+    UsageError,
     suggest,
 )
 from .filters import VariableFilter
@@ -53,6 +55,8 @@ __all__ = [
     "StepContext",
     "StepOutcome",
     "TermError",
+    "TrainingError",
+    "UsageError",
     "VariableFilter",
     "__version__",
     "hookimpl",

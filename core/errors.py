@@ -32,6 +32,15 @@ class HookError(SteadytrainError):
         self.step = step
 
 
+class UsageError(SteadytrainError, RuntimeError):
+    """The host called the pipeline out of order (``after_backward()`` twice, a step hook
+    before ``setup()``, ...); the message says which call was expected."""
+
+
+class TrainingError(SteadytrainError, RuntimeError):
+    """The run cannot go on as configured (e.g. too many optimizer steps skipped in a row)."""
+
+
 class TermError(SteadytrainError, ValueError):
     """A regularizer term is not a finite scalar tensor."""
 
@@ -48,7 +57,7 @@ def suggest(word: str, candidates: Iterable[str]) -> str:
     return " (did you mean " + " or ".join(repr(m) for m in matches) + "?)"
 
 
-class OptionError(ValueError):
+class OptionError(SteadytrainError, ValueError):
     """Raised by a config validator: *option* is the field, *message* what is wrong with it."""
 
     def __init__(self, option: str, message: str) -> None:
