@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,6 +38,7 @@ from steadytrain.adapters.transformers import (
     SteadytrainTrainer,
 )
 
+ROOT = Path(__file__).resolve().parents[2]
 BATCH = 4
 pytestmark = pytest.mark.usefixtures("frozen_heap")
 
@@ -326,3 +330,15 @@ def test_stepping_the_optimizer_outside_the_trainers_step_is_an_error(tmp_path):
                     pipe=pipeline({"plugins": [{"plugin": "ema"}]}))
     with pytest.raises(steadytrain.UsageError, match="outside the Trainer's optimizer step"):
         trainer.train()
+
+
+@pytest.mark.slow
+def test_the_example_runs_and_skips_the_broken_record(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "transformers" / "train.py"), "--epochs", "2",
+         "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "skipped steps: 1 of 32" in result.stdout
+    assert (tmp_path / "checkpoint-32" / STATE_FILE).is_file()
