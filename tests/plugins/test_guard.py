@@ -12,9 +12,10 @@ from steadytrain.plugins.guard import Guard, guarded_step, nonfinite_grads, spik
 NAN, INF = float("nan"), float("inf")
 
 
-def reference_decisions(losses, bad_grads, factor, window):
-    """The rule written out by hand: skip on NaN/inf, or on loss > factor × mean(last N)."""
-    recorded, decisions = [], []
+def reference_decisions(losses, bad_grads, factor, window, rebaseline_after=3):
+    """The rule written out by hand: skip on NaN/inf, or on loss > factor × mean(last N);
+    after *rebaseline_after* spikes in a row the last N losses are all the latest one."""
+    recorded, decisions, spikes = [], [], 0
     for loss, bad_grad in zip(losses, bad_grads, strict=True):
         finite = math.isfinite(loss)
         spike, value = False, loss
@@ -24,6 +25,10 @@ def reference_decisions(losses, bad_grads, factor, window):
             value = min(loss, limit)
         if finite:
             recorded.append(value)
+        spikes = spikes + 1 if spike else 0
+        if rebaseline_after and spikes == rebaseline_after:
+            recorded += [loss] * window
+            spikes = 0
         decisions.append(not finite or bad_grad or spike)
     return decisions
 
@@ -114,10 +119,96 @@ def test_spike_rule_waits_for_a_full_history():
     assert got == [False] * 6 + [True]
 
 
-def test_spike_factor_zero_and_check_flags_turn_rules_off():
+@pytest.mark.parametrize(
+    ("off", "expected"),
+    [
+        # the loss is 1, 1, 100 (a spike), NaN (with finite gradients); step 1 has NaN gradients
+        ({"check_loss": False}, [False, True, True, False]),
+        ({"check_grads": False}, [False, False, True, True]),
+        ({"spike_factor": 0}, [False, True, False, True]),
+    ],
+)
+def test_each_check_can_be_turned_off_alone(off, expected):
     model = scalar_model()
-    pipe = guard_pipe(model, window=2, spike_factor=0, check_loss=False, check_grads=False)
-    assert drive(pipe, model, [1.0, 1.0, 100.0, NAN], nan_grad_steps={1}) == [False] * 4
+    pipe = guard_pipe(model, window=1, **off)
+    assert drive(pipe, model, [1.0, 1.0, 100.0, NAN], nan_grad_steps={1}) == expected
+
+
+def test_every_check_off_is_refused_saying_what_to_turn_on():
+    options = {"check_loss": False, "check_grads": False, "spike_factor": 0}
+    with pytest.raises(steadytrain.ConfigError) as info:
+        steadytrain.load_config({"plugins": [{"plugin": "guard", **options}]})
+    message = str(info.value)
+    assert message.startswith("plugins[0].check_loss: check_loss and check_grads are false")
+    assert "set check_loss or check_grads to true, or spike_factor > 1" in message
+    with pytest.raises(steadytrain.OptionError, match="every check is off"):
+        Guard.Config(**options)
+
+
+def test_a_gradient_check_without_a_model_is_refused():
+    pipe = Pipeline([Guard(Guard.Config(check_loss=False, spike_factor=0), id="g")])
+    with pytest.raises(steadytrain.ConfigError, match=r"g\.check_grads: only the gradient "
+                       "check is on, and without a model there are no gradients"):
+        pipe.setup()
+
+
+# -- a lasting level shift of the loss -------------------------------------------------
+
+
+def level_shift(before=12, after=30, low=1.0, high=100.0):
+    torch.manual_seed(9)
+    return (low + 0.1 * torch.rand(before)).tolist() + [high] * after
+
+
+def test_a_lasting_level_shift_rebaselines_instead_of_stopping_the_run():
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(0))
+    values = level_shift()
+    model = scalar_model()
+    with structlog.testing.capture_logs() as events:
+        got = drive(guard_pipe(model), model, values)
+    assert got == reference_decisions(values, [False] * len(values), 4.0, 10)
+    assert got == [False] * 12 + [True] * 3 + [False] * 27
+    rebaselined = [e for e in events if e["event"] == "guard.rebaselined"]
+    assert rebaselined == [{"event": "guard.rebaselined", "log_level": "warning",
+                            "id": "guard", "step": 14, "new": 1, "total": 1,
+                            "rebaseline_after": 3}]
+
+
+@pytest.mark.parametrize("after", [1, 2, 5])
+def test_rebaseline_after_sets_the_spikes_it_takes(after):
+    values = level_shift()
+    model = scalar_model()
+    got = drive(guard_pipe(model, rebaseline_after=after), model, values)
+    assert got == reference_decisions(values, [False] * len(values), 4.0, 10, after)
+    assert got == [False] * 12 + [True] * after + [False] * (30 - after)
+
+
+def test_an_isolated_spike_does_not_rebaseline():
+    values = level_shift(after=0) + [100.0, 1.0, 1.0, 100.0, 100.0, 1.0]
+    model = scalar_model()
+    pipe = guard_pipe(model)
+    got = drive(pipe, model, values)
+    assert got == [False] * 12 + [True, False, False, True, True, False]
+    assert int(pipe.plugins["guard"].rebaselines) == 0
+
+
+def test_without_rebaselining_a_lasting_level_shift_stops_the_run():
+    model = scalar_model()
+    pipe = guard_pipe(model, rebaseline_after=0)
+    with pytest.raises(steadytrain.TrainingError, match=r"guard: 10 optimizer steps in a row "
+                       r"were skipped by step 21 \(max_consecutive_skips = 10\); causes so "
+                       "far: nonfinite_loss 0, nonfinite_grads 0, spike 10"):
+        drive(pipe, model, level_shift())
+
+
+def test_rebaselining_needs_a_limit_above_it():
+    with pytest.raises(steadytrain.ConfigError, match=r"plugins\[0\].rebaseline_after: must "
+                       r"be below max_consecutive_skips \(3\), got 3: the run would stop "
+                       "before re-baselining"):
+        steadytrain.load_config({"plugins": [{"plugin": "guard", "max_consecutive_skips": 3}]})
+    # without the spike rule there is nothing to re-baseline
+    steadytrain.load_config({"plugins": [{"plugin": "guard", "max_consecutive_skips": 3,
+                                          "spike_factor": 0}]})
 
 
 def test_loss_of_accumulated_micro_batches_is_their_mean():
@@ -248,24 +339,26 @@ def test_guarded_step_refuses_an_optimizer_driven_by_a_grad_scaler():
     model = scalar_model()
     opt = torch.optim.Adam(model.parameters(), fused=True)
     opt.found_inf = torch.zeros(())
-    with pytest.raises(RuntimeError, match="GradScaler"):
+    with pytest.raises(steadytrain.UsageError, match="GradScaler"):
         guarded_step(opt, torch.tensor(False))
 
 
 # -- consecutive skips, snapshots, events -------------------------------------------------
 
 
-def test_consecutive_skips_raise_at_the_next_check():
+def test_consecutive_skips_stop_the_run_at_the_next_check():
     model = scalar_model()
-    pipe = guard_pipe(model, max_consecutive_skips=3, check_every=4)
-    with pytest.raises(steadytrain.HookError, match=r"3 optimizer steps in a row") as info:
+    pipe = guard_pipe(model, max_consecutive_skips=3, check_every=4, rebaseline_after=2)
+    with pytest.raises(steadytrain.TrainingError,
+                       match=r"3 optimizer steps in a row were skipped by step 3 "
+                       r"\(max_consecutive_skips = 3\); causes so far: nonfinite_loss 3"):
         drive(pipe, model, [1.0, NAN, NAN, NAN, 1.0, 1.0, 1.0, 1.0])
-    assert info.value.step == 3 and "max_consecutive_skips = 3" in str(info.value)
+    assert pipe.run.step == 3  # the step that read the counters did not close
 
 
 def test_separate_skips_do_not_add_up():
     model = scalar_model()
-    pipe = guard_pipe(model, max_consecutive_skips=2, check_every=3)
+    pipe = guard_pipe(model, max_consecutive_skips=2, check_every=3, spike_factor=0)
     assert drive(pipe, model, [NAN, 1.0, NAN, 1.0, NAN, 1.0]).count(True) == 3
 
 
@@ -397,6 +490,8 @@ def test_registered_and_configurable_from_toml(tmp_path):
         ("check_every", 0, "must be an integer >= 1"),
         ("snapshot_every", -2, "must be an integer >= 0"),
         ("restore_after", -1, "must be an integer >= 0"),
+        ("rebaseline_after", -1, "must be an integer >= 0"),
+        ("rebaseline_after", 1.5, "expected an integer"),
         ("snapshot_device", "gpu", "must be one of 'same', 'cpu'"),
     ],
 )
@@ -431,6 +526,21 @@ def test_missing_task_loss_is_an_error():
     pipe.before_step()
     with pytest.raises(steadytrain.SteadytrainError, match="no task loss this step"):
         pipe.compute_loss(None)
+
+
+def test_after_backward_without_compute_loss_is_a_usage_error():
+    model = scalar_model()
+    pipe = guard_pipe(model)
+    pipe.before_step()
+    model.weight.sum().backward()
+    with pytest.raises(steadytrain.UsageError, match=r"guard: after_backward\(\) without "
+                       r"compute_loss\(\)"):
+        pipe.after_backward()
+
+
+def test_check_flags_must_be_booleans():
+    with pytest.raises(steadytrain.OptionError, match="check_grads: must be true or false"):
+        Guard.Config(check_grads="no")
 
 
 def test_gradient_only_guard_needs_no_loss():
