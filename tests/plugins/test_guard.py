@@ -184,7 +184,7 @@ def test_rebaseline_after_sets_the_spikes_it_takes(after):
 
 
 def test_an_isolated_spike_does_not_rebaseline():
-    values = level_shift(after=0) + [100.0, 1.0, 1.0, 100.0, 100.0, 1.0]
+    values = [*level_shift(after=0), 100.0, 1.0, 1.0, 100.0, 100.0, 1.0]
     model = scalar_model()
     pipe = guard_pipe(model)
     got = drive(pipe, model, values)
@@ -550,3 +550,79 @@ def test_gradient_only_guard_needs_no_loss():
     model.weight.grad = torch.full_like(model.weight, NAN)
     pipe.compute_loss(model.weight.sum())
     assert pipe.after_backward().skip
+
+
+# -- on CUDA: the counters reach the host without a sync ---------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+class CudaRun:
+    """A guarded CUDA model stepped with guarded_step; ``step(busy=True)`` keeps the
+    device busy before ``consolidate`` so that a copy started there cannot arrive in it."""
+
+    def __init__(self, **options):
+        torch.manual_seed(10)
+        self.model = torch.nn.Linear(4, 1).cuda()
+        self.opt = torch.optim.AdamW(self.model.parameters(), fused=True)
+        self.pipe = Pipeline([Guard(Guard.Config(**options))]).setup(self.model, self.opt)
+        self.x = torch.randn(8, 4, device="cuda")
+
+    def step(self, scale=1.0, *, busy=False):
+        pipe = self.pipe
+        pipe.before_step()
+        pipe.compute_loss(self.model(self.x).pow(2).mean() * scale).backward()
+        guarded_step(self.opt, pipe.after_backward())
+        if busy:
+            torch.cuda._sleep(200_000_000)
+        pipe.consolidate()
+        self.opt.zero_grad()
+
+
+def synchronize():
+    torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+
+
+def guard_events(events):
+    return [(e["event"], e["step"]) for e in events if e["event"].startswith("guard.")]
+
+
+@cuda
+def test_on_cuda_the_counters_are_read_at_a_later_step_without_a_sync():
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(0))
+    run = CudaRun(check_every=2, max_consecutive_skips=2, spike_factor=0)
+    run.step()  # the fused optimizer's first step reads the flag once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with structlog.testing.capture_logs() as events:
+            run.step(NAN, busy=True)  # step 1 checks: its counters are still on the way
+            assert guard_events(events) == []
+            synchronize()
+            run.step(NAN)  # they have arrived and are read here, at step 2
+            assert guard_events(events) == [("guard.skipped", 1)]
+            run.step(NAN, busy=True)  # step 3 checks a run of 3 skips
+            synchronize()
+            with pytest.raises(steadytrain.TrainingError, match="3 optimizer steps in a row "
+                               "were skipped by step 3"):
+                run.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda
+def test_on_cuda_a_read_in_flight_is_checkpointed_and_completed_after_the_resume():
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(0))
+    run = CudaRun(check_every=2)
+    run.step()
+    run.step(NAN, busy=True)
+    saved = round_trip(run.pipe.state_dict())
+    assert saved["instances"]["guard"]["state"]["pending_read"]["step"] == 1
+    resumed = CudaRun(check_every=2)
+    resumed.pipe.load_state_dict(saved)
+    with structlog.testing.capture_logs() as events:
+        torch.cuda.synchronize()
+        resumed.step()
+    assert guard_events(events) == [("guard.skipped", 1)]
