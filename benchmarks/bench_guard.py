@@ -13,9 +13,10 @@ for these loops:
 * ``guard+guarded_step``: the guard, ``guarded_step(optimizer, outcome)``;
 * ``monitor``: the stability monitor alone, ``optimizer.step()``.
 
-The guard checks its counters every ``check_every`` (10) steps and the monitor every 100;
-those reads are in the ``consolidate`` column. Warm-up steps (the first step of a fused
-optimizer costs one sync in ``guarded_step``) are not counted.
+Every ``check_every`` (10) steps the guard copies its counters to pinned host memory and
+reads them once they have arrived, without waiting; the monitor reads its own every 100
+steps. Reads that sync are in the ``consolidate`` column. Warm-up steps (the first step
+of a fused optimizer costs one sync in ``guarded_step``) are not counted.
 
 ``time`` measures the hooks alone (no forward, backward or optimizer step; gradients set
 once) on the CPU: median seconds per step of ``before_step`` … ``consolidate`` with an empty

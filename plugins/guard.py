@@ -14,8 +14,9 @@ What it does
 
     Skips are counted by cause on the device. Every ``check_every`` steps the guard reads
     these counters without making the host wait: on an accelerator it copies them to
-    pinned host memory with ``non_blocking=True`` and reads them at the first later step
-    at which a device event reports the copy done; on the CPU it reads them at once.
+    pinned host memory with ``non_blocking=True`` and reads them once a device event
+    recorded after the copy reports it done (asked at each later step, never waited
+    for); on the CPU it reads them at once.
     Reading them, it logs ``guard.skipped`` and ``guard.rebaselined`` for what happened
     since the last read, restores an in-memory snapshot of the model and optimizer state
     after ``restore_after`` consecutive skips when asked to, and stops the run with
