@@ -18,8 +18,10 @@ What it does
     recorded after the copy reports it done (asked at each later step, never waited
     for); on the CPU it reads them at once.
     Reading them, it logs ``guard.skipped`` and ``guard.rebaselined`` for what happened
-    since the last read, restores an in-memory snapshot of the model and optimizer state
-    after ``restore_after`` consecutive skips when asked to, and stops the run with
+    since the last read (each event carries the instance ``id``, the ``step`` whose
+    counters it reports, the number ``new`` since the last event, and totals), restores
+    an in-memory snapshot of the model and optimizer state after ``restore_after``
+    consecutive skips when asked to, and stops the run with
     :class:`steadytrain.TrainingError` after ``max_consecutive_skips`` of them rather
     than skipping forever.
 
@@ -37,10 +39,11 @@ Hyperparameters
     ``check_loss`` / ``check_grads`` (both on) and ``spike_factor`` k (default 4; 0 turns
     the spike rule off) are the three checks; at least one must be on. ``window`` N
     (default 10 losses), ``rebaseline_after`` (default 3 spikes in a row; 0 never
-    re-baselines, so a lasting rise of the loss is skipped until the run stops at
-    ``max_consecutive_skips``), ``max_consecutive_skips`` (10), ``check_every`` (10 steps
-    between reads of the counters), ``snapshot_every`` M (0: no snapshot),
-    ``restore_after`` (0: never restore), ``snapshot_device`` (``"same"`` or ``"cpu"``).
+    re-baselines, so a lasting rise of the loss is skipped until the winsorized history
+    catches up with it or the run stops at ``max_consecutive_skips``),
+    ``max_consecutive_skips`` (10), ``check_every`` (10 steps between reads of the
+    counters), ``snapshot_every`` M (0: no snapshot), ``restore_after`` (0: never
+    restore), ``snapshot_device`` (``"same"`` or ``"cpu"``).
     ``rebaseline_after`` and ``restore_after`` must be below ``max_consecutive_skips``.
     These defaults are this plugin's choices, not values taken from a source.
 
