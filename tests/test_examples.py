@@ -1,5 +1,6 @@
 """The examples run as the README says and show what they claim."""
 
+import json
 import math
 import re
 import subprocess
@@ -52,3 +53,30 @@ def test_quickstart_runs_agree_step_for_step_when_no_batch_is_corrupted():
     assert [skipped for *_, skipped in SUMMARY.findall(result.stdout)] == ["0", "0"]
     # without --quiet the library's events are printed
     assert "pipeline.assembled" in result.stdout + result.stderr
+
+
+# Run in a folder that holds a folder named steadytrain, as the folder above a clone does.
+SHADOW_PROBE = """
+import importlib.machinery, json, sys
+import steadytrain
+regular = importlib.machinery.PathFinder.find_spec("steadytrain", [p for p in sys.path if p])
+print(json.dumps({"file": getattr(steadytrain, "__file__", None),
+                  "has_pipeline": hasattr(steadytrain, "Pipeline"),
+                  "regular_package_on_path": bool(regular and regular.origin)}))
+"""
+
+
+def test_the_readme_says_when_a_folder_named_steadytrain_shadows_the_package(tmp_path):
+    (tmp_path / "steadytrain").mkdir()
+    result = subprocess.run([sys.executable, "-c", SHADOW_PROBE], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=120, check=True)
+    found = json.loads(result.stdout)
+    if found["regular_package_on_path"]:
+        # a wheel (or a link-tree editable install): the package on sys.path wins
+        assert found["file"].endswith("__init__.py") and found["has_pipeline"]
+    else:
+        # the editable install's import hook runs after the path, where the folder is
+        # already an (empty) namespace package
+        assert found == {"file": None, "has_pipeline": False, "regular_package_on_path": False}
+        readme = " ".join((ROOT / "README.md").read_text().split())
+        assert "in the folder that contains a clone named `steadytrain`" in readme
