@@ -7,13 +7,13 @@ of it, with the same initial weights and the same batches, train through pipelin
 from one config (default: ``examples/quickstart.toml``): the first with every instance of
 the config, the second with the ``guard`` left out (``disable=["guard"]``). One batch of
 epoch 3 carries a NaN, as a broken record in a data set would. The guard skips that
-optimizer step; without it the NaN reaches the weights and that model predicts nothing
+optimizer step; without it the NaN reaches the weights and that model's outputs are NaN
 from then on. Every epoch prints both runs' validation loss and accuracy, evaluated inside
-``pipe.evaluating()`` (where the EMA plugin swaps its average in), and the number of
-steps each run skipped.
+``pipe.evaluating()`` (where the EMA plugin swaps its average in); the last lines add the
+number of steps each run skipped (``pipe.run.skipped_steps``).
 
-Torch uses one thread unless ``--threads`` says otherwise (the run is too small to gain
-from more). ``--quiet`` prints only the final comparison and silences the library's log
+Torch uses one thread unless ``--threads`` says otherwise: the model is too small to gain
+from more, and on a busy CPU more threads only contend for its cores. ``--quiet`` prints only the final comparison and silences the library's log
 events below ERROR.
 """
 
@@ -104,13 +104,20 @@ def corrupt(batches: list[tuple[torch.Tensor, torch.Tensor]], index: int) -> Non
     batches[index] = (x, y)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", default=HERE / "quickstart.toml")
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=positive_int, default=12)
     parser.add_argument("--corrupt-epoch", type=int, default=3,
                         help="epoch whose 5th batch gets a NaN input (-1: none)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
     parser.add_argument("--quiet", action="store_true",
                         help="print only the final comparison; no log events below ERROR")
     args = parser.parse_args()
