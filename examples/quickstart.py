@@ -13,8 +13,8 @@ from then on. Every epoch prints both runs' validation loss and accuracy, evalua
 number of steps each run skipped (``pipe.run.skipped_steps``).
 
 Torch uses one thread unless ``--threads`` says otherwise: the model is too small to gain
-from more, and on a busy CPU more threads only contend for its cores. ``--quiet`` prints only the final comparison and silences the library's log
-events below ERROR.
+from more, and on a busy CPU more threads only contend for its cores. ``--quiet`` prints
+only the final comparison and silences the library's log events below ERROR.
 """
 
 from __future__ import annotations
