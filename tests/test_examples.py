@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart.py"
 # Runs a script as `python SCRIPT ARGS` would, on an interpreter that cannot import NumPy.
@@ -28,6 +30,7 @@ def run_quickstart(*args: str, numpy: bool = True) -> subprocess.CompletedProces
     return result
 
 
+@pytest.mark.slow
 def test_quickstart_guarded_run_survives_the_corrupted_batch_and_the_unguarded_does_not():
     result = run_quickstart("--epochs", "6", "--corrupt-epoch", "2", "--quiet", numpy=False)
     # --quiet: the comparison alone; no log events, and no warning about the missing NumPy
@@ -43,6 +46,7 @@ def test_quickstart_guarded_run_survives_the_corrupted_batch_and_the_unguarded_d
     assert guarded_skips >= 1 and broken_skips == 0
 
 
+@pytest.mark.slow
 def test_quickstart_runs_agree_step_for_step_when_no_batch_is_corrupted():
     result = run_quickstart("--epochs", "2", "--corrupt-epoch", "-1")
     rows = re.findall(r"^ +\d+   (\S+) +(\S+) +(\S+) +(\S+)$", result.stdout, re.MULTILINE)

@@ -105,6 +105,7 @@ def test_a_registry_built_by_hand_has_no_plugins_and_discover_has_the_built_ins(
                                          registry=steadytrain.Registry())
 
 
+@pytest.mark.slow
 def test_the_in_process_registration_snippet_runs(sample):
     (snippet,) = [block for block in re.findall(r"```python\n(.*?)```", GUIDE.read_text(),
                                                 re.DOTALL) if "Registry.discover()" in block]
