@@ -110,7 +110,14 @@ def uncorrected_fields(
     For any training loop: compute the task loss on the result. The plugin adds the name
     filters, the lookup of this step's recorded corrections and the checks.
     """
-    swap = {n: corrections[n].pre for n in names if n in fields and n in corrections}
+    return _substitute(
+        fields, {n: corrections[n].pre for n in names if n in fields and n in corrections}
+    )
+
+
+def _substitute(
+    fields: Mapping[str, torch.Tensor], swap: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     return {name: swap.get(name, value) for name, value in fields.items()}
 
 
@@ -166,7 +173,7 @@ class PreCorrectorOptimization(steadytrain.Plugin):
         else:
             swap = self._recorded_swap(fields, self._ctx.outputs.get(self.config.source))
         self._replaced.update(swap)
-        return {name: swap.get(name, value) for name, value in fields.items()}
+        return _substitute(fields, swap)
 
     def _given_swap(
         self, fields: Mapping[str, torch.Tensor], corrections: Any
@@ -188,7 +195,7 @@ class PreCorrectorOptimization(steadytrain.Plugin):
                     "the value before the corrector"
                 )
             self._check_shape(name, entry.pre, fields[name])
-        return uncorrected_fields(fields, corrections, selected)
+        return {name: corrections[name].pre for name in selected}
 
     def _recorded_swap(
         self, fields: Mapping[str, torch.Tensor], recorded: Any
@@ -257,7 +264,7 @@ class PreCorrectorOptimization(steadytrain.Plugin):
         names = [tuple(s) for s in sets] + self._given
         self._selection.check(names)
         if not self._replaced:
-            selected = sorted({n for s in names for n in self._selection(s)})
+            selected = list(dict.fromkeys(n for s in names for n in self._selection(s)))
             if selected:
                 raise CorrectionError(
                     f"{self.id}: the corrector changed {', '.join(selected)} in this "
