@@ -45,8 +45,9 @@ When to use it
     With a corrector that clamps (non-negative fields, fractions in [0, 1]) or rescales
     many variables, when the model should learn the physical fields rather than rely on
     the corrector. Exclude the variables whose bounds the loss should enforce: ACE keeps
-    ``sea_ice_fraction`` on its corrected value (clamping it in the loss removed a small
-    positive sea-ice bias) while the temperatures train on their uncorrected values.
+    ``sea_ice_fraction`` on its corrected value (with the clamp in the loss, the small
+    positive sea-ice biases in mid latitudes went away) while the ocean temperatures
+    train on their uncorrected values.
 
 Hyperparameters
     ``include`` / ``exclude``: the variables trained on their pre-corrector values, by
@@ -61,8 +62,9 @@ Hyperparameters
     their pre-corrector values, per micro-batch.
 
 Source
-    The ACE pull request of seed 001 mentions that excluding sea ice from pre-corrector
-    optimization removed small positive sea-ice biases. Ai2's ``fme`` (``ai2cm/ace``,
+    Seed 001, the ACE pull request thread: pre-corrector optimization improved the
+    evolution of the ocean temperatures (``thetao``), and excluding sea ice from it
+    removed the small positive sea-ice biases in mid latitudes. Ai2's ``fme`` (``ai2cm/ace``,
     ``fme/ace/stepper/single_module.py``: ``PreCorrectorOptimizationConfig`` with
     ``exclude_names_and_prefixes``, and ``TrainStepper._accumulate_loss``) computes the
     step loss on ``{**output, **select_precorrected(uncorrected)}``, which is
@@ -125,6 +127,9 @@ class PreCorrectorOptimization(steadytrain.Plugin):
     """Take the task loss of selected variables on their values before the corrector."""
 
     name = "pre_corrector_optimization"
+    # A forward step whose recorded variables are all excluded is normal; an empty selection
+    # over the first micro-batch with corrections is refused by CorrectionSelection.check.
+    allows_empty_selection = True
 
     @attrs.frozen
     class Config:

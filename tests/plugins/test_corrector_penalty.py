@@ -513,7 +513,7 @@ def test_missing_corrections_are_an_error_naming_the_source():
     plugin = CorrectorPenalty(CorrectorPenalty.Config(source="ocean_corrections"), id="ocean")
     pipe, _, _ = pipeline(plugin)
     pipe.before_step()
-    with pytest.raises(steadytrain.HookError, match=r"ocean\.source: .*'ocean_corrections'"):
+    with pytest.raises(steadytrain.SteadytrainError, match=r"ocean\.source: .*'ocean_corrections'"):
         pipe.compute_loss(torch.tensor(0.0), outputs={"corrections": {}})
 
 
@@ -619,7 +619,8 @@ def test_emulator_example_refuses_a_plot_without_matplotlib_before_training(
 
 def test_later_steps_may_carry_a_subset_of_the_first_steps_variables():
     plugin = CorrectorPenalty(CorrectorPenalty.Config(std={"a": 1.0, "b": 1.0}), exclude=["b"])
-    total = run_once(plugin, [{"a": grad_ones(2), "b": grad_ones(2)}, {"a": 2 * grad_ones(2)}])
+    total = run_once(plugin, [{"a": grad_ones(2), "b": grad_ones(2)}, {"a": 2 * grad_ones(2)},
+                              {"b": grad_ones(2)}])  # the last step selects nothing: no term
     assert total.item() == pytest.approx(1.0 + 4.0)
 
 

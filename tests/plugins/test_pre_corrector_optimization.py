@@ -1,4 +1,6 @@
 import copy
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from steadytrain.plugins.pre_corrector_optimization import (
     uncorrected_fields,
 )
 
+ROOT = Path(__file__).resolve().parents[2]
 NAMES = ("thetao_0", "thetao_1", "sea_ice_fraction", "zos")
 STD = {"thetao_0": 2.0, "thetao_1": 1.5, "sea_ice_fraction": 0.3, "zos": 0.5}
 
@@ -279,7 +282,8 @@ def test_missing_corrections_are_an_error_naming_the_source():
     pipe, _ = pipeline(PreCorrectorOptimization(
         PreCorrectorOptimization.Config(source="ocean_corrections"), id="pre"))
     pipe.before_step()
-    with pytest.raises(steadytrain.HookError, match=r"pre\.source: no output 'ocean_corrections'"):
+    with pytest.raises(steadytrain.SteadytrainError,
+                       match=r"pre\.source: no output 'ocean_corrections'"):
         pipe.compute_loss(torch.tensor(1.0, requires_grad=True))
 
 
@@ -304,3 +308,14 @@ def test_corrections_that_are_not_mappings_are_an_error():
     with pytest.raises(CorrectionError, match=r"pre: outputs\['corrections'\] must hold one"):
         pipe.compute_loss(torch.tensor(1.0, requires_grad=True),
                           outputs={"corrections": [torch.ones(2)]})
+
+
+def test_the_documented_loop_runs():
+    if not hasattr(steadytrain, "step_optimizer"):
+        pytest.skip("the documented loop uses steadytrain.step_optimizer")
+    text = (ROOT / "docs" / "pre_corrector_optimization.md").read_text(encoding="utf-8")
+    (loop,) = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    namespace: dict = {}
+    exec(compile(loop, "pre_corrector_optimization.md", "exec"), namespace)
+    assert namespace["pipe"].run.step == 10
+    assert namespace["pipe"].metrics()["pre_corrector_optimization/variables"] == 2.0
