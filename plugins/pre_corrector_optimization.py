@@ -98,6 +98,7 @@ from steadytrain.plugins.corrector_penalty import (
     Correction,
     CorrectionError,
     CorrectionSelection,
+    recorded_sets,
 )
 
 
@@ -210,18 +211,18 @@ class PreCorrectorOptimization(steadytrain.Plugin):
         sets = recorded if isinstance(recorded, list) else [recorded]
         sets = [s for s in sets if isinstance(s, Mapping)]
         swap: dict[str, torch.Tensor] = {}
-        steps: set[int] = set()
+        matched: dict[int, tuple[str, ...]] = {}  # forward step → its selected names
         for name, value in fields.items():
             # The newest step first: a rollout calls for_loss right after each step.
             for k in range(len(sets) - 1, -1, -1):
                 entry = sets[k].get(name)
                 if isinstance(entry, Correction) and entry.post is value:
-                    steps.add(k)
-                    if name in self._selection(tuple(sets[k])):
+                    selected = matched.setdefault(k, self._selection(tuple(sets[k])))
+                    if name in selected:
                         swap[name] = entry.pre
                     break
-        for k in sorted(steps):
-            for name in self._selection(tuple(sets[k])):
+        for k, selected in sorted(matched.items()):
+            for name in selected:
                 if name in fields and name not in swap:
                     raise CorrectionError(
                         f"{self.id}.for_loss: fields[{name!r}] is not the corrector's output "
@@ -255,17 +256,8 @@ class PreCorrectorOptimization(steadytrain.Plugin):
     @steadytrain.hookimpl
     def compute_regularizers(self, ctx: steadytrain.StepContext) -> None:
         source = self.config.source
-        if source not in ctx.outputs and not self._given:
-            ctx.output(source, option="source")  # raises, naming the outputs there are
-        recorded = ctx.outputs.get(source)
-        sets = [] if recorded is None else (recorded if isinstance(recorded, list)
-                                            else [recorded])
-        for entry in sets:
-            if not isinstance(entry, Mapping):
-                raise CorrectionError(
-                    f"{self.id}: outputs[{source!r}] must hold one mapping of variable → "
-                    f"correction per forward step, got {type(entry).__name__}"
-                )
+        # Without records, corrections given to for_loss will do; with neither, an error.
+        sets = recorded_sets(ctx, source) if source in ctx.outputs or not self._given else []
         names = [tuple(s) for s in sets] + self._given
         self._selection.check(names)
         if not self._replaced:

@@ -148,6 +148,22 @@ def test_the_selected_variables_get_the_gradient_of_the_loss_on_their_raw_values
     assert clamped.any() and (raw["thetao_0"].grad[clamped] != 0).all()
 
 
+def test_gradient_accumulation_gives_the_full_batch_gradients():
+    x, targets = data(n=8)
+    pipe, model = pipeline(pre_corrector(exclude=["sea_ice_fraction"]))
+    _, expected = reference_step(model, x, targets, {"sea_ice_fraction"})
+    plugin = pipe.plugins["pre_corrector_optimization"]
+    for i, rows in enumerate(torch.arange(8).chunk(2)):
+        pipe.before_step(micro_batch=i, num_micro_batches=2)
+        (fields,) = model(x[rows])
+        chunk = {n: t[rows] for n, t in targets.items()}
+        pipe.compute_loss(normalized_mse(plugin.for_loss(fields), chunk)).backward()
+    pipe.after_backward()
+    pipe.consolidate()
+    for p, want in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, want)
+
+
 def test_combined_with_the_penalty_on_the_same_records():
     x, targets = data()
     penalty = CorrectorPenalty(CorrectorPenalty.Config(std=STD), weight=0.3)
