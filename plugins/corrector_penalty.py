@@ -694,10 +694,11 @@ class CorrectorPenalty(steadytrain.Plugin):
             if cfg.variable_metrics:
                 # One record per forward step in which the variable was recorded, so that
                 # the metric is its mean over exactly those steps.
-                scaled = weighted * weight
-                for j, name in enumerate(plan.names):
-                    ctx.log(f"var/{name}", losses[j])
-                    ctx.log(f"var_weighted/{name}", scaled[j])
+                log = ctx.log
+                for name, raw, scaled in zip(plan.names, losses.unbind(),
+                                             (weighted * weight).unbind(), strict=True):
+                    log(f"var/{name}", raw)
+                    log(f"var_weighted/{name}", scaled)
         if not terms:
             return None
         total = self._combine(ctx, terms, weight)
