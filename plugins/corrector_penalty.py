@@ -314,15 +314,16 @@ class CorrectionSelection:
     """An instance's include/exclude patterns applied to the names of recorded corrections.
 
     The names are known only once a step records corrections, so :meth:`check` runs the
-    patterns' matching checks once, on every name of the first micro-batch that records
-    any; calling the object selects from one set of names, resolved the first time that
-    set appears and cached. Shared by the plugins that read corrections.
+    filter's checks (patterns that match nothing, an empty selection) once, on every name
+    of the first micro-batch that records any; calling the object selects from one set of
+    names, resolved the first time that set appears and cached (a forward step whose
+    variables are all excluded selects nothing, which is fine). Shared by the plugins that
+    read corrections.
     """
 
-    def __init__(self, filter: steadytrain.VariableFilter, *, effect: str) -> None:
+    def __init__(self, filter: steadytrain.VariableFilter) -> None:
         self.filter = filter
-        self._quiet = attrs.evolve(filter, on_unmatched="ignore")
-        self._effect = effect
+        self._quiet = attrs.evolve(filter, on_unmatched="ignore", allow_empty=True)
         self._cache: dict[tuple[str, ...], tuple[str, ...]] = {}
         self.checked = False
 
@@ -337,12 +338,6 @@ class CorrectionSelection:
         if not names:
             return ()
         selected = self.filter.select(names, kind="corrected variable")
-        if not selected:
-            raise steadytrain.FilterError(
-                f"{self.filter.owner}: include {list(self.filter.include)} and exclude "
-                f"{list(self.filter.exclude)} select none of the corrected variables "
-                f"({', '.join(names)}); {self._effect}"
-            )
         self.checked = True
         return selected
 
@@ -357,8 +352,7 @@ def recorded_sets(ctx: steadytrain.StepContext, source: str) -> list[Mapping[str
     """The corrections of this micro-batch in ``ctx.outputs[source]``, one mapping per
     forward step; an error naming the running instance if there are none or they are not
     mappings."""
-    sets = ctx.output(source, option="source")
-    sets = sets if isinstance(sets, list) else [sets]
+    sets = ctx.reports(source, option="source")
     for entry in sets:
         if not isinstance(entry, Mapping):
             raise CorrectionError(
@@ -433,9 +427,6 @@ class CorrectorPenalty(steadytrain.Plugin):
     """Penalize the normalized change that an output corrector makes to the prediction."""
 
     name = "corrector_penalty"
-    # A forward step whose recorded variables are all excluded is normal; an empty selection
-    # over the first micro-batch with corrections is refused by CorrectionSelection.check.
-    allows_empty_selection = True
 
     @attrs.frozen
     class Config:
@@ -455,7 +446,7 @@ class CorrectorPenalty(steadytrain.Plugin):
 
     def __init__(self, config: Any = None, **settings: Any) -> None:
         super().__init__(config, **settings)
-        self._selection = CorrectionSelection(self.filter, effect="the penalty would do nothing")
+        self._selection = CorrectionSelection(self.filter)
         self._normalizer: Normalizer | None = None
         self._file_std: dict[str, Any] = {}
         self._area_weights: torch.Tensor | None = None

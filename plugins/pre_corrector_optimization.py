@@ -128,9 +128,6 @@ class PreCorrectorOptimization(steadytrain.Plugin):
     """Take the task loss of selected variables on their values before the corrector."""
 
     name = "pre_corrector_optimization"
-    # A forward step whose recorded variables are all excluded is normal; an empty selection
-    # over the first micro-batch with corrections is refused by CorrectionSelection.check.
-    allows_empty_selection = True
 
     @attrs.frozen
     class Config:
@@ -144,9 +141,7 @@ class PreCorrectorOptimization(steadytrain.Plugin):
                 "have no effect; remove it (the host's task loss itself is taken on "
                 f"{self.id}.for_loss(fields))"
             )
-        self._selection = CorrectionSelection(
-            self.filter, effect="pre-corrector optimization would do nothing"
-        )
+        self._selection = CorrectionSelection(self.filter)
         self._ctx: steadytrain.StepContext | None = None
         self._replaced: set[str] = set()
         self._given: list[tuple[str, ...]] = []
