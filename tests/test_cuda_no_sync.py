@@ -16,7 +16,7 @@ import torch
 import steadytrain
 from steadytrain import Pipeline, Registry
 from steadytrain.nn import DualMemory, MemoryGate, SoftTopK
-from steadytrain.plugins.corrector_penalty import apply_corrector
+from steadytrain.plugins.corrector.corrector_penalty import apply_corrector
 
 ROOT = Path(__file__).resolve().parents[1]
 
