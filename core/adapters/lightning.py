@@ -245,12 +245,6 @@ class PipelineCallback(pl.Callback):
                 f"PipelineCallback runs in one process; this Trainer has world_size "
                 f"{trainer.world_size}. Train with devices=1"
             )
-        mine = [c for c in trainer.callbacks if isinstance(c, PipelineCallback)]
-        if len(mine) > 1:
-            raise UsageError(
-                f"the Trainer has {len(mine)} PipelineCallbacks; use one, with one config "
-                "listing every plugin instance"
-            )
         needs_loss = _loss_plugins(pipeline)
         if needs_loss and not isinstance(module, PipelineLossMixin):
             raise UsageError(

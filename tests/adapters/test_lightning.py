@@ -148,7 +148,7 @@ def csv_metrics(path: Path) -> list[dict[str, float]]:
 
 def fit(tmp_path, net, callback, data=None, **kwargs) -> pl.Trainer:
     run = trainer(tmp_path, [callback], **kwargs)
-    run.fit(net, data or loader())
+    run.fit(net, loader() if data is None else data)
     return run
 
 
@@ -277,7 +277,8 @@ def test_resume_from_the_checkpoint_saved_at_validation_reaches_the_same_weights
     model, pipe, _, _ = plain_run(epochs=1)
     for checkpoint in (first, torch.load(inside, weights_only=True)):
         assert_close_states(checkpoint["state_dict"], model.state_dict())
-        assert_close_states(checkpoint["eval_state_dict"], pipe.plugins["ema"].averaged_state_dict())
+        averaged = pipe.plugins["ema"].averaged_state_dict()
+        assert_close_states(checkpoint["eval_state_dict"], averaged)
         assert_close_states(checkpoint["eval_state_dict"], net.validated[0])
 
     resumed, again = Net(), PipelineCallback(CONFIG)
@@ -300,3 +301,203 @@ def test_a_checkpoint_without_pipeline_state_starts_the_plugins_afresh(tmp_path)
         trainer(tmp_path, [callback]).fit(Net(), loader(), ckpt_path=tmp_path / "plain.ckpt")
     assert "lightning.no_pipeline_state" in [e["event"] for e in events]
     assert callback.pipeline.run.step == BATCHES  # the second epoch only
+
+
+# -- what the Trainer may do on its own ---------------------------------------------------
+
+
+class Bare(pl.LightningModule):
+    """A module without PipelineLossMixin, for configs whose plugins need no loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = Net()
+
+    def training_step(self, batch, batch_idx):
+        return self.net.task(batch)[0]
+
+    def configure_optimizers(self):
+        return self.net.configure_optimizers()
+
+
+def test_trainer_clipping_runs_after_the_pipeline_when_no_plugin_clips(tmp_path):
+    config = {"plugins": [{"plugin": "ema", "decay": 0.9}, {"plugin": "grad_norm"}]}
+    module = Bare()
+    callback = PipelineCallback(config)
+    fit(tmp_path, module, callback, gradient_clip_val=0.05)
+    model = Net()
+    opt = model.configure_optimizers()
+    pipe = steadytrain.Pipeline.from_config(config)
+    pipe.setup(model, opt, total_steps=2 * BATCHES)
+    for _ in range(2):
+        for x, y in dataset():
+            pipe.before_step(batch=x, targets=y)
+            model.task((x, y))[0].backward()
+            pipe.after_backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            opt.step()
+            pipe.consolidate()
+            opt.zero_grad()
+    assert_close_states(module.net.state_dict(), model.state_dict())
+    # grad_norm measured the gradients before Lightning clipped them
+    assert callback.pipeline.metrics()["grad_norm/norm"] == pytest.approx(
+        pipe.metrics()["grad_norm/norm"], rel=1e-6)
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+def test_trainer_clipping_and_a_clipping_plugin_together_are_refused(tmp_path):
+    with pytest.raises(steadytrain.ConfigError, match=r"gradient_clip_val=1\.0.*grad_clip"):
+        fit(tmp_path, Net(), PipelineCallback(CONFIG), gradient_clip_val=1.0)
+
+
+def test_a_module_without_the_mixin_is_refused_when_plugins_need_the_loss(tmp_path):
+    with pytest.raises(steadytrain.UsageError,
+                       match=r"Bare: plugin instance\(s\) guard, label_smoothing need the loss"
+                             r".*PipelineLossMixin"):
+        fit(tmp_path, Bare(), PipelineCallback(CONFIG))
+
+
+def test_a_training_step_without_pipeline_loss_fails_before_the_first_optimizer_step(tmp_path):
+    net = Plain()
+    initial = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(steadytrain.UsageError,
+                       match=r"Plain.training_step did not call self.pipeline_loss\(\) at step 0:"
+                             r" plugin instance\(s\) guard, label_smoothing"):
+        fit(tmp_path, net, PipelineCallback(CONFIG))
+    assert_close_states(net.state_dict(), initial, rtol=0, atol=0)
+
+
+class DropsTheTerms(Net):
+    def training_step(self, batch, batch_idx):
+        loss, logits = self.task(batch)
+        self.pipeline_loss(loss, outputs={"logits": logits})
+        return loss
+
+
+def test_a_returned_loss_without_the_terms_is_refused(tmp_path):
+    with pytest.raises(steadytrain.UsageError, match="does not contain its value"):
+        fit(tmp_path, DropsTheTerms(), PipelineCallback(CONFIG))
+
+
+class BuildsOnTheLoss(Net):
+    def training_step(self, batch, batch_idx):
+        loss, logits = self.task(batch)
+        return 0.5 * self.pipeline_loss(loss, outputs={"logits": logits}) + 0.0 * loss
+
+
+def test_a_loss_built_from_pipeline_loss_is_accepted(tmp_path):
+    callback = PipelineCallback(CONFIG)
+    fit(tmp_path, BuildsOnTheLoss(), callback, max_epochs=1)
+    assert callback.pipeline.run.step == BATCHES
+
+
+class Manual(Net):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+
+def test_manual_optimization_is_refused(tmp_path):
+    with pytest.raises(steadytrain.UsageError, match="Manual: manual optimization"):
+        fit(tmp_path, Manual(), PipelineCallback(CONFIG))
+
+
+class LossInValidation(Net):
+    def validation_step(self, batch, batch_idx):
+        loss, logits = self.task(batch)
+        return self.pipeline_loss(loss, outputs={"logits": logits})
+
+
+def test_pipeline_loss_outside_training_step_is_refused(tmp_path):
+    with pytest.raises(steadytrain.UsageError, match="outside a training step"):
+        trainer(tmp_path, [PipelineCallback(CONFIG)]).fit(
+            LossInValidation(), loader(), val_loader())
+
+
+def test_pipeline_loss_without_a_callback_is_refused(tmp_path):
+    with pytest.raises(steadytrain.UsageError, match=r"exactly one PipelineCallback.*found 0"):
+        trainer(tmp_path, []).fit(Net(), loader())
+
+
+def test_lightning_refuses_two_callbacks(tmp_path):
+    # pipeline_loss() relies on it to find its callback
+    with pytest.raises(RuntimeError, match="more than one stateful callback"):
+        trainer(tmp_path, [PipelineCallback(CONFIG), PipelineCallback(CONFIG)]).fit(
+            Net(), loader())
+
+
+class Unsized(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(dataset()[:3])
+
+
+def test_an_unsized_epoch_ending_inside_an_accumulation_window_is_refused(tmp_path):
+    with pytest.raises(steadytrain.UsageError, match=r"epoch ended at batch 2.*__len__"):
+        fit(tmp_path, Net(), PipelineCallback(CONFIG), accumulate_grad_batches=2,
+            data=torch.utils.data.DataLoader(Unsized(), batch_size=None))
+
+
+def test_an_epoch_of_unsized_data_that_fits_the_windows_trains(tmp_path):
+    callback = PipelineCallback(CONFIG)
+    data = torch.utils.data.DataLoader(Unsized(), batch_size=None)
+    fit(tmp_path, Net(), callback, accumulate_grad_batches=3, data=data)
+    assert callback.pipeline.run.step == 2
+
+
+class NeverSteps(Net):
+    """Runs the closure (forward and backward) but leaves the optimizer alone."""
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        optimizer_closure()
+
+
+def test_an_optimizer_step_override_that_skips_the_closure_is_refused(tmp_path):
+    with pytest.raises(steadytrain.UsageError, match="optimizer_step override must call"):
+        fit(tmp_path, NeverSteps(), PipelineCallback(CONFIG))
+
+
+class StopsTheEpoch(Net):
+    def on_train_batch_start(self, batch, batch_idx):
+        return -1 if batch_idx == 1 else None
+
+
+def test_an_epoch_stopped_inside_a_step_is_refused(tmp_path):
+    with pytest.raises(steadytrain.UsageError, match="epoch ended inside optimizer step 1"):
+        fit(tmp_path, StopsTheEpoch(), PipelineCallback(CONFIG))
+
+
+class OwnsAParameter(steadytrain.Plugin):
+    name = "owns_a_parameter"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def parameters(self):
+        return [self.scale]
+
+
+def test_plugin_parameters_outside_the_optimizer_are_refused(tmp_path):
+    registry = steadytrain.Registry.discover()
+    registry.register(OwnsAParameter)
+    callback = PipelineCallback({"plugins": [{"plugin": "owns_a_parameter"}]},
+                                registry=registry)
+    with pytest.raises(steadytrain.UsageError, match=r"self\.pipeline\.parameters"):
+        fit(tmp_path, Net(), callback)
+
+
+def test_a_grad_scaler_with_a_fused_optimizer_is_refused(tmp_path):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    precision = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(steadytrain.UsageError, match="GradScaler and the fused optimizer AdamW"):
+        fit(tmp_path, Net("fused_adamw"), PipelineCallback(CONFIG), plugins=[precision])
+
+
+def test_several_processes_are_refused(tmp_path):
+    # The hook the Trainer would call in each spawned process, called here without spawning.
+    run = trainer(tmp_path, [], devices=2, strategy="ddp_spawn")
+    with pytest.raises(steadytrain.UsageError, match=r"runs in one process.*world_size 2"):
+        PipelineCallback(CONFIG).on_fit_start(run, Net())
