@@ -96,7 +96,7 @@ def _derives_from(loss: torch.Tensor, source: torch.Tensor) -> bool:
     return False
 
 
-def _hold_step(optimizer: torch.optim.Optimizer, outcome: StepOutcome, *, scaled: bool) -> bool:
+def _hold_step(optimizer: torch.optim.Optimizer, outcome: StepOutcome) -> bool:
     """Make the optimizer update that is about to run a no-op where *outcome* says skip.
 
     Lightning calls ``on_before_optimizer_step`` inside ``optimizer.step()``, so the step
@@ -110,9 +110,8 @@ def _hold_step(optimizer: torch.optim.Optimizer, outcome: StepOutcome, *, scaled
         return False
     flag = outcome.flag
     if (
-        isinstance(flag, torch.Tensor) and not scaled and optimizer.state
+        isinstance(flag, torch.Tensor) and optimizer.state
         and getattr(optimizer, "_step_supports_amp_scaling", False)
-        and not hasattr(optimizer, "found_inf")
     ):
         optimizer.found_inf = flag.detach().reshape(()).to(torch.float32)  # type: ignore[attr-defined]
         return True
@@ -159,8 +158,9 @@ class PipelineCallback(pl.Callback):
         self.split_batch = split_batch
         self.prefix = prefix
         self.save_eval_weights = save_eval_weights
-        self._build()  # a broken config fails here, not when the Trainer starts
-        self._pipeline: Pipeline | None = None
+        # Built now: a broken config fails here, and configure_optimizers can reach the
+        # plugins' parameters through it before the Trainer starts.
+        self._pipeline = self._build()
         self._stage: str | None = None
         self._state: Mapping[str, Any] | None = None
         self._total_steps: int | None = None
@@ -179,22 +179,19 @@ class PipelineCallback(pl.Callback):
 
     @property
     def pipeline(self) -> Pipeline:
-        """The pipeline of the running stage, or after it the closed pipeline of the last one.
+        """The pipeline: before the first stage the one the next fit sets up, during a stage
+        (fit, validate, test, predict) the one bound to it, afterwards the closed one.
 
-        After ``Trainer.fit`` it still answers ``metrics()``, ``run`` and ``plugins`` (for
-        instance ``plugins["ema"].averaged_state_dict()``).
+        Before fitting, ``pipeline.parameters()`` gives the plugins' parameters for
+        ``configure_optimizers``. After ``Trainer.fit`` it still answers ``metrics()``,
+        ``run`` and ``plugins`` (for instance ``plugins["ema"].averaged_state_dict()``).
         """
-        if self._pipeline is None:
-            raise UsageError(
-                "PipelineCallback: no pipeline yet; it is set up when the Trainer starts "
-                "fitting (on_fit_start) or evaluating"
-            )
         return self._pipeline
 
     # -- lifecycle --------------------------------------------------------------------
 
     def _open(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> Pipeline:
-        pipeline = self._build()
+        pipeline = self._build() if self._pipeline.is_setup else self._pipeline
         if self._state is not None:
             pipeline.load_state_dict(self._state)
         if stage == "fit":
@@ -207,6 +204,7 @@ class PipelineCallback(pl.Callback):
             optimizers, total = (), self._total_steps or max(pipeline.run.step, 1)
         pipeline.setup(module, optimizers, total_steps=total)
         self._pipeline, self._stage = pipeline, stage
+        self._needs_loss = _loss_plugins(pipeline)
         self._graph_checked = False
         return pipeline
 
@@ -232,7 +230,7 @@ class PipelineCallback(pl.Callback):
             )
 
     def _check_fit(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        pipeline = self._build()
+        pipeline = self.pipeline
         if not module.automatic_optimization:
             raise UsageError(
                 f"{type(module).__name__}: manual optimization (automatic_optimization = "
@@ -312,10 +310,13 @@ class PipelineCallback(pl.Callback):
         self._loss = None
 
     def _compute_loss(
-        self, task_loss: torch.Tensor | None, outputs: Mapping[str, Any] | None = None
+        self,
+        module: pl.LightningModule,
+        task_loss: torch.Tensor | None,
+        outputs: Mapping[str, Any] | None = None,
     ) -> torch.Tensor:
         """The pipeline's loss of the micro-batch that is open; see ``pipeline_loss``."""
-        if self._ctx is None:
+        if self._ctx is None or not module.trainer.training:
             raise UsageError(
                 "pipeline_loss() outside a training step: call it in training_step only; in "
                 "validation_step and test_step compute the task loss alone"
@@ -327,12 +328,11 @@ class PipelineCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
         if self._loss is None:
-            needs_loss = _loss_plugins(self.pipeline)
-            if needs_loss:
+            if self._needs_loss:
                 raise UsageError(
                     f"{type(pl_module).__name__}.training_step did not call "
                     f"self.pipeline_loss() at step {self.pipeline.run.step}: plugin "
-                    f"instance(s) {', '.join(needs_loss)} would run without their terms. "
+                    f"instance(s) {', '.join(self._needs_loss)} would run without their terms. "
                     "Return self.pipeline_loss(task_loss, outputs=...) from training_step"
                 )
         elif not self._graph_checked:
@@ -349,9 +349,7 @@ class PipelineCallback(pl.Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        outcome = self.pipeline.after_backward()
-        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
-        if _hold_step(optimizer, outcome, scaled=scaled):
+        if _hold_step(optimizer, self.pipeline.after_backward()):
             self._found_inf = optimizer
         self._stepped = True
 
@@ -434,9 +432,9 @@ class PipelineCallback(pl.Callback):
         return _clone(dict(self._state or {}))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep *state_dict* for the pipeline of the next stage (Lightning restores
+        checkpoints before a stage starts)."""
         self._state = state_dict
-        if self._stage is not None:
-            self.pipeline.load_state_dict(state_dict)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -453,7 +451,7 @@ class PipelineCallback(pl.Callback):
             with self.pipeline.evaluating():
                 checkpoint[EVAL_WEIGHTS_KEY] = _clone(pl_module.state_dict())
         if evaluating:
-            self._enter_eval(trainer, pl_module, self._stage or "validate")
+            self._enter_eval(trainer, pl_module, self._stage)
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -497,4 +495,4 @@ class PipelineLossMixin:
         the returned loss by ``accumulate_grad_batches``; it is not divided here. Call it
         once per ``training_step``.
         """
-        return self._pipeline_callback()._compute_loss(task_loss, outputs)
+        return self._pipeline_callback()._compute_loss(self, task_loss, outputs)

@@ -18,6 +18,12 @@ pl = pytest.importorskip("lightning.pytorch")
 
 from steadytrain.adapters.lightning import PipelineCallback, PipelineLossMixin  # noqa: E402
 
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no"),
+    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
+    pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`"),
+]
+
 BATCH, BATCHES = 4, 4
 
 CONFIG = {
@@ -468,24 +474,45 @@ def test_an_epoch_stopped_inside_a_step_is_refused(tmp_path):
         fit(tmp_path, StopsTheEpoch(), PipelineCallback(CONFIG))
 
 
-class OwnsAParameter(steadytrain.Plugin):
-    name = "owns_a_parameter"
+class LearnsAScale(steadytrain.Plugin):
+    """A regularizer with a parameter of its own, pulled towards 1."""
+
+    name = "learns_a_scale"
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.scale = torch.nn.Parameter(torch.zeros(()))
 
     def parameters(self):
         return [self.scale]
 
+    @steadytrain.hookimpl
+    def compute_regularizers(self, ctx):
+        return {"distance": (self.scale - 1) ** 2}
+
+
+class TrainsPluginParameters(Net):
+    def configure_optimizers(self):
+        return torch.optim.SGD([*self.parameters(), *self.pipeline.parameters()], lr=0.1)
+
+
+def scale_callback() -> PipelineCallback:
+    registry = steadytrain.Registry.discover()
+    registry.register(LearnsAScale)
+    return PipelineCallback({"plugins": [{"plugin": "learns_a_scale"}]}, registry=registry)
+
+
+def test_plugin_parameters_are_trained_through_configure_optimizers(tmp_path):
+    callback = scale_callback()
+    fit(tmp_path, TrainsPluginParameters(), callback)
+    # gradient descent on (s - 1)^2 from 0 with step 0.1: s_n = 1 - 0.8^n
+    scale = callback.pipeline.plugins["learns_a_scale"].scale
+    assert scale.item() == pytest.approx(1 - 0.8 ** (2 * BATCHES), rel=1e-6)
+
 
 def test_plugin_parameters_outside_the_optimizer_are_refused(tmp_path):
-    registry = steadytrain.Registry.discover()
-    registry.register(OwnsAParameter)
-    callback = PipelineCallback({"plugins": [{"plugin": "owns_a_parameter"}]},
-                                registry=registry)
     with pytest.raises(steadytrain.UsageError, match=r"self\.pipeline\.parameters"):
-        fit(tmp_path, Net(), callback)
+        fit(tmp_path, Net(), scale_callback())
 
 
 def test_a_grad_scaler_with_a_fused_optimizer_is_refused(tmp_path):
@@ -501,3 +528,48 @@ def test_several_processes_are_refused(tmp_path):
     run = trainer(tmp_path, [], devices=2, strategy="ddp_spawn")
     with pytest.raises(steadytrain.UsageError, match=r"runs in one process.*world_size 2"):
         PipelineCallback(CONFIG).on_fit_start(run, Net())
+
+
+def test_under_a_grad_scaler_the_pipeline_sees_unscaled_gradients_and_skips_the_nan(tmp_path):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    init_scale = 2.0**10
+    model = Net()
+    opt = model.configure_optimizers()
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    pipe = steadytrain.Pipeline.from_config(CONFIG)
+    pipe.setup(model, opt, total_steps=2 * BATCHES)
+    for epoch in range(2):
+        pipe.epoch_start(epoch)
+        for x, y in dataset(nan_batch=2):
+            pipe.before_step(batch=x, targets=y)
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss, logits = model.task((x, y))
+                total = pipe.compute_loss(loss, outputs={"logits": logits})
+            scaler.scale(total).backward()
+            scaler.unscale_(opt)
+            if not pipe.after_backward().skip:
+                scaler.step(opt)
+            scaler.update()
+            pipe.consolidate()
+            opt.zero_grad()
+            if pipe.run.step == 2:  # before the NaN batch
+                expected = pipe.metrics()
+        pipe.epoch_end()
+
+    net, callback = Net(), PipelineCallback(CONFIG)
+    precision = MixedPrecision("16-mixed", "cpu",
+                               scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
+    logger = pl.loggers.CSVLogger(tmp_path, name="", version="")
+    fit(tmp_path, net, callback, data=loader(nan_batch=2), plugins=[precision], logger=logger,
+        log_every_n_steps=2)
+    assert callback.pipeline.run.skipped_steps == 2
+    assert_close_states(net.state_dict(), model.state_dict())
+    assert_close_states(callback.pipeline.plugins["ema"].averaged_state_dict(),
+                        pipe.plugins["ema"].averaged_state_dict())
+    first = csv_metrics(tmp_path)[0]
+    # the clipping plugin measured unscaled norms (scaled ones would be 2^10 times larger)
+    for group in ("head", "default"):
+        name = f"grad_clip/{group}/pre_norm"
+        assert first[name] == pytest.approx(expected[name], rel=1e-6)
+    assert first["grad_clip/head/pre_norm"] < 10
