@@ -109,11 +109,6 @@ class ScheduledConsolidation(steadytrain.Plugin):
                 "or remove this plugin"
             )
         names = self.filter.select(found, kind="consolidating module")
-        if not names:
-            raise steadytrain.FilterError(
-                f"{self.id}: include/exclude leave none of the consolidating modules "
-                f"({', '.join(repr(n) for n in found)}); loosen exclude"
-            )
         self.modules = {name: found[name] for name in names}
         self.last_step: int | None = None
         self.pending = False

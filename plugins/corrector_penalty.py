@@ -383,15 +383,8 @@ class CorrectorPenalty(steadytrain.Plugin):
         # Patterns are checked against the first step's variables only; later steps may
         # legitimately carry a subset (a corrector that runs on some steps only).
         on_unmatched = self.filter.on_unmatched if first else "ignore"
-        selected = attrs.evolve(self.filter, on_unmatched=on_unmatched).select(
-            names, kind="corrected variable"
-        )
-        if first and not selected:
-            raise steadytrain.FilterError(
-                f"{self.id}: include {list(self.filter.include)} and exclude "
-                f"{list(self.filter.exclude)} select none of the corrected variables "
-                f"({', '.join(names)}); the penalty would do nothing"
-            )
+        selected = attrs.evolve(self.filter, on_unmatched=on_unmatched, allow_empty=not first
+                                ).select(names, kind="corrected variable")
         weights = {}
         for pattern, value in self.config.variable_weights.items():
             matched = steadytrain.VariableFilter(

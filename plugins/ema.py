@@ -111,11 +111,6 @@ class EMA(steadytrain.Plugin):
             tensors.update(run.model.named_buffers())
         kind = "parameter or buffer" if self.config.buffers else "parameter"
         selected = self.filter.select(list(tensors), kind=kind)
-        if not selected:
-            raise steadytrain.FilterError(
-                f"{self.id}.include/exclude: the patterns select no {kind}; "
-                "nothing would be averaged"
-            )
         # Integer buffers (BatchNorm's batch counter) cannot be averaged; the model's own
         # are used in evaluation.
         self.names = [n for n in selected if tensors[n].is_floating_point()]

@@ -50,7 +50,7 @@ import attrs
 import torch
 
 import steadytrain
-from steadytrain.plugins._sources import at_least_float32, reject_filter
+from steadytrain.sources import at_least_float32
 from steadytrain.validators import in_range, non_empty_str, optional
 
 
@@ -99,6 +99,8 @@ class LabelSmoothing(steadytrain.Plugin):
     """The term that turns the host's cross-entropy into label-smoothed cross-entropy."""
 
     name = "label_smoothing"
+    #: It acts on the logits and targets as a whole: there is nothing to select.
+    uses_filter = False
 
     @attrs.frozen
     class Config:
@@ -109,10 +111,6 @@ class LabelSmoothing(steadytrain.Plugin):
         logits_key: str = attrs.field(default="logits", validator=non_empty_str)
         targets_key: str | None = attrs.field(default=None, validator=optional(non_empty_str))
         class_dim: int = -1
-
-    @steadytrain.hookimpl
-    def setup(self, run: steadytrain.Run) -> None:
-        reject_filter(self, "label smoothing acts on the logits and targets as a whole")
 
     @steadytrain.hookimpl
     def compute_regularizers(self, ctx: steadytrain.StepContext) -> dict[str, torch.Tensor]:

@@ -468,7 +468,7 @@ def test_bad_options_are_config_errors_with_their_path(options, message):
     "weight", [-0.5, {"kind": "piecewise", "boundaries": [10], "values": [0.0, -1.0]}]
 )
 def test_a_negative_weight_is_an_error(weight):
-    with pytest.raises(steadytrain.ConfigError, match=r"ocean\.weight: must be >= 0"):
+    with pytest.raises(steadytrain.ConfigError, match=r"plugins\[0\]\.weight: must be >= 0"):
         steadytrain.Pipeline.from_config(
             {"plugins": [{"plugin": "corrector_penalty", "id": "ocean", "weight": weight}]}
         )
@@ -511,7 +511,7 @@ def test_missing_corrections_are_an_error_naming_the_source():
     plugin = CorrectorPenalty(CorrectorPenalty.Config(source="ocean_corrections"), id="ocean")
     pipe, _, _ = pipeline(plugin)
     pipe.before_step()
-    with pytest.raises(steadytrain.HookError, match=r"ocean\.source: .*'ocean_corrections'"):
+    with pytest.raises(steadytrain.ConfigError, match=r"ocean\.source: .*'ocean_corrections'"):
         pipe.compute_loss(torch.tensor(0.0), outputs={"corrections": {}})
 
 

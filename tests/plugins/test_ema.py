@@ -339,7 +339,7 @@ def test_pattern_matching_nothing_is_an_error():
 
 def test_selecting_nothing_is_an_error():
     pipe = steadytrain.Pipeline([EMA(EMA.Config(), include=["0.*"], exclude=["0.*"])])
-    with pytest.raises(steadytrain.FilterError, match=r"ema\.include/exclude: .*select no"):
+    with pytest.raises(steadytrain.FilterError, match=r"ema: include .* select none of"):
         pipe.setup(make_model())
 
 
