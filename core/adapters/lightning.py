@@ -96,26 +96,42 @@ def _derives_from(loss: torch.Tensor, source: torch.Tensor) -> bool:
     return False
 
 
-def _hold_step(optimizer: torch.optim.Optimizer, outcome: StepOutcome) -> bool:
+def _hold_step(
+    optimizer: torch.optim.Optimizer,
+    outcome: StepOutcome,
+    scaler: torch.amp.GradScaler | None,
+) -> bool:
     """Make the optimizer update that is about to run a no-op where *outcome* says skip.
 
-    Lightning calls ``on_before_optimizer_step`` inside ``optimizer.step()``, so the step
-    cannot be left out; it is emptied instead. A fused optimizer that already has state
-    takes the decision on the device as ``found_inf``, as ``torch.amp.GradScaler`` drives
-    it (returns ``True``: remove it after the step). Any other optimizer reads the decision
-    (one host sync) and, to skip, loses its gradients: every torch optimizer leaves a
-    parameter without a gradient as it is, moments and step count included.
+    Lightning calls ``on_before_optimizer_step`` inside its optimizer step, so the step
+    cannot be left out; it is emptied instead, with the semantics of
+    :func:`steadytrain.step_optimizer`:
+
+    * under a ``GradScaler`` (which Lightning has unscaled with already) the decision joins
+      the scaler's overflow record, on the device: the scaler skips the update and backs
+      off its scale, as for an overflow;
+    * a fused optimizer that already has state takes the decision on the device as
+      ``found_inf`` (returns ``True``: remove it after the step);
+    * any other optimizer reads the decision (one host sync) and, to skip, loses its
+      gradients: every torch optimizer leaves a parameter without a gradient as it is,
+      moments and step count included.
     """
     if not outcome.requests:
         return False
-    flag = outcome.flag
+    flag = outcome.skip if outcome.decided else outcome.flag
+    if scaler is not None:
+        # the record step_optimizer(scaler=...) uses too
+        record = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+        for found_inf in record.values():
+            found_inf.copy_(torch.maximum(found_inf, torch.as_tensor(flag).to(found_inf)))
+        return False
     if (
         isinstance(flag, torch.Tensor) and optimizer.state
         and getattr(optimizer, "_step_supports_amp_scaling", False)
     ):
         optimizer.found_inf = flag.detach().reshape(()).to(torch.float32)  # type: ignore[attr-defined]
         return True
-    if outcome.skip:
+    if outcome.skip:  # read once, and known from here on (to the EMA, to the event log)
         for group in optimizer.param_groups:
             for param in group["params"]:
                 param.grad = None
@@ -196,8 +212,9 @@ class PipelineCallback(pl.Callback):
             pipeline.load_state_dict(self._state)
         if stage == "fit":
             optimizers = trainer.optimizers
+            # inf, or -1 for data without a length and no max_steps: unknown
             estimate = trainer.estimated_stepping_batches
-            total = int(estimate) if estimate != float("inf") else None
+            total = int(estimate) if 1 <= estimate < float("inf") else None
             self._total_steps = total
         else:
             # Evaluation takes no step: the progress schedules only need a horizon.
@@ -211,7 +228,8 @@ class PipelineCallback(pl.Callback):
     def _close(self) -> None:
         self._exit_eval()
         if self._stage is not None:
-            self._state = _clone(self.pipeline.state_dict())
+            if self._ctx is None:  # inside a step (an exception) the last saved state stays
+                self._state = _clone(self.pipeline.state_dict())
             self.pipeline.close()
         self._stage = None
         self._reset_step()
@@ -349,7 +367,8 @@ class PipelineCallback(pl.Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if _hold_step(optimizer, self.pipeline.after_backward()):
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if _hold_step(optimizer, self.pipeline.after_backward(), scaler):
             self._found_inf = optimizer
         self._stepped = True
 

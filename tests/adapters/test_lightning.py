@@ -125,8 +125,7 @@ def plain_run(
                     loss, logits = model.task((x, y))
                     total = pipe.compute_loss(loss, outputs={"logits": logits})
                 total.backward()
-            if not pipe.after_backward().skip:
-                opt.step()
+            steadytrain.step_optimizer(opt, pipe.after_backward())
             pipe.consolidate()
             opt.zero_grad()
             if pipe.run.step % log_every == 0:
@@ -530,14 +529,20 @@ def test_several_processes_are_refused(tmp_path):
         PipelineCallback(CONFIG).on_fit_start(run, Net())
 
 
-def test_under_a_grad_scaler_the_pipeline_sees_unscaled_gradients_and_skips_the_nan(tmp_path):
+def test_under_a_grad_scaler_the_pipeline_sees_unscaled_gradients_and_skips_as_in_the_plain_loop(
+    tmp_path,
+):
+    """The guard skips the NaN batch and, with a tight spike rule, finite ones: the scaler
+    backs off for both, as step_optimizer(scaler=...) makes it in the plain loop."""
     from lightning.pytorch.plugins.precision import MixedPrecision
 
+    config = {"plugins": [{"plugin": "guard", "spike_factor": 1.02, "window": 2},
+                          *CONFIG["plugins"][1:]]}
     init_scale = 2.0**10
     model = Net()
     opt = model.configure_optimizers()
-    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
-    pipe = steadytrain.Pipeline.from_config(CONFIG)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=3)
+    pipe = steadytrain.Pipeline.from_config(config)
     pipe.setup(model, opt, total_steps=2 * BATCHES)
     for epoch in range(2):
         pipe.epoch_start(epoch)
@@ -548,8 +553,7 @@ def test_under_a_grad_scaler_the_pipeline_sees_unscaled_gradients_and_skips_the_
                 total = pipe.compute_loss(loss, outputs={"logits": logits})
             scaler.scale(total).backward()
             scaler.unscale_(opt)
-            if not pipe.after_backward().skip:
-                scaler.step(opt)
+            steadytrain.step_optimizer(opt, pipe.after_backward(), scaler=scaler)
             scaler.update()
             pipe.consolidate()
             opt.zero_grad()
@@ -557,13 +561,14 @@ def test_under_a_grad_scaler_the_pipeline_sees_unscaled_gradients_and_skips_the_
                 expected = pipe.metrics()
         pipe.epoch_end()
 
-    net, callback = Net(), PipelineCallback(CONFIG)
-    precision = MixedPrecision("16-mixed", "cpu",
-                               scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
+    net, callback = Net(), PipelineCallback(config)
+    lightning_scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=3)
+    precision = MixedPrecision("16-mixed", "cpu", scaler=lightning_scaler)
     logger = pl.loggers.CSVLogger(tmp_path, name="", version="")
     fit(tmp_path, net, callback, data=loader(nan_batch=2), plugins=[precision], logger=logger,
         log_every_n_steps=2)
-    assert callback.pipeline.run.skipped_steps == 2
+    assert callback.pipeline.run.skipped_steps == pipe.run.skipped_steps > 2
+    assert lightning_scaler.get_scale() == scaler.get_scale()
     assert_close_states(net.state_dict(), model.state_dict())
     assert_close_states(callback.pipeline.plugins["ema"].averaged_state_dict(),
                         pipe.plugins["ema"].averaged_state_dict())
