@@ -412,7 +412,19 @@ class PipelineCallback(pl.Callback):
 
     # -- evaluation -------------------------------------------------------------------
 
+    def _between_steps(self, what: str, advice: str) -> None:
+        """Refuse *what* while an optimizer step is open (inside an accumulation window)."""
+        if self._ctx is not None:
+            raise UsageError(
+                f"{what} inside optimizer step {self._ctx.step}, after micro-batch "
+                f"{self._ctx.micro_batch + 1} of {self._ctx.num_micro_batches} of its "
+                f"accumulation window: the pipeline's state is only whole between steps. "
+                f"{advice}"
+            )
+
     def _enter_eval(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
+        self._between_steps(
+            "validation", "Make val_check_interval a multiple of accumulate_grad_batches")
         if self._stage is None:
             self._open(trainer, module, stage)
         if self._eval is None:
@@ -446,6 +458,9 @@ class PipelineCallback(pl.Callback):
     # -- checkpoints ------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        self._between_steps(
+            "a checkpoint", "Save after an optimizer step: ModelCheckpoint(every_n_train_steps"
+            "=...) or at epoch ends, not by time or from inside the window")
         if self._stage is not None:
             return _clone(self.pipeline.state_dict())
         return _clone(dict(self._state or {}))

@@ -151,9 +151,9 @@ def csv_metrics(path: Path) -> list[dict[str, float]]:
             for row in rows]
 
 
-def fit(tmp_path, net, callback, data=None, **kwargs) -> pl.Trainer:
+def fit(tmp_path, net, callback, data=None, val_dataloaders=None, **kwargs) -> pl.Trainer:
     run = trainer(tmp_path, [callback], **kwargs)
-    run.fit(net, loader() if data is None else data)
+    run.fit(net, loader() if data is None else data, val_dataloaders)
     return run
 
 
@@ -578,3 +578,24 @@ def test_under_a_grad_scaler_the_pipeline_sees_unscaled_gradients_and_skips_as_i
         name = f"grad_clip/{group}/pre_norm"
         assert first[name] == pytest.approx(expected[name], rel=1e-6)
     assert first["grad_clip/head/pre_norm"] < 10
+
+
+def test_validation_inside_an_accumulation_window_is_refused(tmp_path):
+    with pytest.raises(steadytrain.UsageError,
+                       match=r"validation inside optimizer step 0, after micro-batch 1 of 2.*"
+                             r"val_check_interval a multiple"):
+        fit(tmp_path, Net(), PipelineCallback(CONFIG), accumulate_grad_batches=2,
+            val_check_interval=1, data=loader(), val_dataloaders=val_loader())
+
+
+class SavesEveryBatch(pl.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        trainer.save_checkpoint(Path(trainer.default_root_dir) / f"{batch_idx}.ckpt")
+
+
+def test_a_checkpoint_inside_an_accumulation_window_is_refused(tmp_path):
+    callback = PipelineCallback(CONFIG)
+    run = trainer(tmp_path, [callback, SavesEveryBatch()], accumulate_grad_batches=2)
+    with pytest.raises(steadytrain.UsageError,
+                       match=r"a checkpoint inside optimizer step 0, after micro-batch 1 of 2"):
+        run.fit(Net(), loader())
