@@ -474,6 +474,14 @@ class PipelineCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         if self._stage is None:
+            if self.save_eval_weights:
+                raise UsageError(
+                    "PipelineCallback(save_eval_weights=True): this checkpoint is written "
+                    "outside fit, validate, test and predict, when no pipeline is bound to "
+                    "the model, so it cannot hold the evaluation weights. Save it during the "
+                    "stage (ModelCheckpoint), or take them from "
+                    "callback.pipeline.plugins[<ema id>].averaged_state_dict()"
+                )
             return
         evaluating = self._eval is not None
         if evaluating:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
+import runpy
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no"),
     pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
     pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`"),
+    pytest.mark.filterwarnings("ignore:The dirpath has changed from"),
 ]
 
 BATCH, BATCHES = 4, 4
@@ -599,3 +601,36 @@ def test_a_checkpoint_inside_an_accumulation_window_is_refused(tmp_path):
     with pytest.raises(steadytrain.UsageError,
                        match=r"a checkpoint inside optimizer step 0, after micro-batch 1 of 2"):
         run.fit(Net(), loader())
+
+
+def test_evaluation_weights_cannot_be_saved_once_the_stage_is_over(tmp_path):
+    callback = PipelineCallback(CONFIG, save_eval_weights=True)
+    run = fit(tmp_path, Net(), callback, max_epochs=1)
+    with pytest.raises(steadytrain.UsageError, match="outside fit, validate, test and predict"):
+        run.save_checkpoint(tmp_path / "after.ckpt")
+    # without them the pipeline's last state is saved
+    plain = PipelineCallback(CONFIG)
+    run = fit(tmp_path, Net(), plain, max_epochs=1)
+    run.save_checkpoint(tmp_path / "after.ckpt")
+    saved = torch.load(tmp_path / "after.ckpt", weights_only=True)["callbacks"][plain.state_key]
+    assert saved["counters"]["step"] == BATCHES
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lightning" / "train.py"
+
+
+def run_example(monkeypatch, capsys, *args: str) -> str:
+    monkeypatch.setattr("sys.argv", [str(EXAMPLE), *args])
+    runpy.run_path(str(EXAMPLE), run_name="__main__")
+    return capsys.readouterr().out
+
+
+def test_the_example_skips_the_corrupted_step_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+    common = ("--epochs", "2", "--samples", "512", "--corrupt-epoch", "1")
+    whole = run_example(monkeypatch, capsys, *common, "--out", str(tmp_path / "a"))
+    assert "skipped steps: 1 of 8" in whole
+    resumed = run_example(monkeypatch, capsys, *common, "--out", str(tmp_path / "b"),
+                          "--resume", str(tmp_path / "a" / "epoch=0.ckpt"))
+    assert resumed.replace("/b\n", "/a\n") == whole
+    checkpoint = torch.load(tmp_path / "a" / "epoch=1.ckpt", weights_only=True)
+    assert checkpoint["eval_state_dict"].keys() == checkpoint["state_dict"].keys()
