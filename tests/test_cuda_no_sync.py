@@ -1,18 +1,24 @@
-"""On CUDA, a training step with every built-in plugin enabled never syncs the host.
+"""On CUDA, the documented loop and a step with every built-in plugin never sync the host.
 
-The model uses the ``steadytrain.nn`` building blocks (which report gates and masks) and
-records a corrector's changes; the host steps with ``guarded_step`` and reads metrics only
-at the end. Plugins that sync on purpose do it on their first step or every N steps
-(documented), so the check runs on steps in between. Skipped without CUDA.
+The README's loop runs verbatim; the other test's model uses the ``steadytrain.nn``
+building blocks (which report gates and masks) and records a corrector's changes. Both
+step with ``steadytrain.step_optimizer`` and read metrics only at the end. Plugins that
+sync on purpose do it on their first step (documented), so the check starts after it.
+Skipped without CUDA.
 """
+
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
+import steadytrain
 from steadytrain import Pipeline, Registry
 from steadytrain.nn import DualMemory, MemoryGate, SoftTopK
 from steadytrain.plugins.corrector_penalty import apply_corrector
-from steadytrain.plugins.guard import guarded_step
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -74,7 +80,7 @@ def test_every_plugin_together_causes_no_host_sync_per_step():
             outputs={"logits": logits},
         )
         loss.backward()
-        guarded_step(optimizer, pipe.after_backward())
+        steadytrain.step_optimizer(optimizer, pipe.after_backward())
         pipe.consolidate()
         optimizer.zero_grad()
 
@@ -90,3 +96,34 @@ def test_every_plugin_together_causes_no_host_sync_per_step():
     metrics = pipe.metrics()
     assert metrics["loss/task"] > 0 and metrics["guard/skipped"] == 0
     assert pipe.run.step == 6
+
+
+def readme_loop() -> str:
+    text = (ROOT / "README.md").read_text()
+    return re.search(r"## A training loop with a pipeline\n\n```python\n(.*?)```", text,
+                     re.S).group(1)
+
+
+def test_the_readme_loop_causes_no_host_sync_after_its_first_step(monkeypatch):
+    """The README's block, verbatim: from the second step on, no call may sync the host."""
+    closed = []
+    consolidate, metrics = Pipeline.consolidate, Pipeline.metrics
+
+    def consolidate_then_watch(self):
+        consolidate(self)
+        closed.append(self.run.step)
+        if self.run.step == 1:  # first-step checks are documented to sync once
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+
+    def metrics_unwatched(self, **kwargs):
+        torch.cuda.set_sync_debug_mode("default")  # reading numbers is the one sync
+        return metrics(self, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "consolidate", consolidate_then_watch)
+    monkeypatch.setattr(Pipeline, "metrics", metrics_unwatched)
+    try:
+        exec(compile(readme_loop(), "README.md", "exec"), {})
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert closed == list(range(1, 11))
