@@ -53,7 +53,6 @@ import structlog
 import torch
 
 import steadytrain
-from steadytrain.plugins.gate_entropy import gate_entropy
 from steadytrain.validators import non_negative, norm_order, positive_int
 
 log = structlog.get_logger("steadytrain")
@@ -90,12 +89,17 @@ def mean_gate_entropy(gates: torch.Tensor | Sequence[torch.Tensor]) -> torch.Ten
     """Mean entropy (nats) of the distributions along the last dimension of *gates*.
 
     A list of gate tensors (one per layer) gives the mean over the tensors of each one's
-    :func:`~steadytrain.plugins.gate_entropy.gate_entropy`, i.e. every tensor weighs the
+    the ``gate_entropy`` plugin's entropy, i.e. every tensor weighs the
     same.
     """
     if isinstance(gates, torch.Tensor):
-        return gate_entropy(gates.detach())
-    return torch.stack([gate_entropy(g.detach()) for g in gates]).mean()
+        return _entropy(gates.detach())
+    return torch.stack([_entropy(g.detach()) for g in gates]).mean()
+
+
+def _entropy(gates: torch.Tensor) -> torch.Tensor:
+    # torch.special.entr is -p·log p, with 0·log 0 = 0
+    return torch.special.entr(gates.float()).sum(-1).mean()
 
 
 def _mean(value: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:

@@ -1,1 +1,1 @@
-"""The built-in experiments: models, data, learning-rate sweeps and plots behind ``steadytrain run``, ``compare`` and ``demo``."""
+"""The built-in experiments behind ``steadytrain run``, ``compare`` and ``demo``."""

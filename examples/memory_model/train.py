@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 import steadytrain
 from steadytrain.nn import DualMemory, MemoryGate, SoftTopK
-from steadytrain.plugins.param_groups import param_groups
+from steadytrain.param_groups import param_groups
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = ("baseline", "stabilized")
