@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("accelerate")
 
 from accelerate import Accelerator, debug_launcher
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration
 from plain_run import (
     CONFIG,
@@ -87,13 +88,19 @@ def train(
 
 
 def launch(processes: int, data: list[dict], out: Path, **options: Any) -> list:
-    """Run :func:`train` in *processes* forked processes; what each rank trained."""
+    """Run :func:`train` in *processes* forked processes; what each rank trained (a rank
+    that is not part of the process group would overwrite rank 0's file and leave its own
+    missing)."""
 
     def run(*_index: int) -> None:
         # A forked child must not enter OpenMP's thread pool, which the parent may have
         # started: it would wait forever for threads it does not have.
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
+        # The state a Trainer of an earlier test left in this process is the parent's, not
+        # this run's (transformers resets it the same way).
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
         train(data, out, **options)
 
     if processes == 1:
