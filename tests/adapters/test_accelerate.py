@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -41,36 +42,35 @@ def train(
     data: list[dict],
     out: Path,
     *,
-    steps: int,
     accumulation: int = 2,
     mixed_precision: str = "no",
     save_at: int | None = None,
     resume: Path | None = None,
 ) -> None:
-    """The loop of docs/accelerate.md; each rank saves what it trained next to *out*."""
+    """One epoch of the loop of docs/accelerate.md over *data*, in global batches of
+    ``GLOBAL_BATCH``; each rank saves what it trained next to *out*."""
     accelerator = Accelerator(
         cpu=True, gradient_accumulation_steps=accumulation, mixed_precision=mixed_precision,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
     model = make_model()
     optimizer = make_optimizer(model)
-    loader = torch.utils.data.DataLoader(data[:steps * accumulation * GLOBAL_BATCH],
-                                         batch_size=GLOBAL_BATCH)
+    loader = torch.utils.data.DataLoader(data, batch_size=GLOBAL_BATCH)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    k = accelerator.gradient_accumulation_steps
     pipe = pipeline(CONFIG)
-    pipe.setup(accelerator.unwrap_model(model), optimizer, total_steps=steps)
+    pipe.setup(accelerator.unwrap_model(model), optimizer, total_steps=math.ceil(len(loader) / k))
     accelerator.register_for_checkpointing(pipe)
     start = 0
     if resume is not None:
         accelerator.load_state(resume)
-        start = pipe.run.step * accumulation
-        loader = accelerator.skip_first_batches(loader, start)
-    k = accelerator.gradient_accumulation_steps
+        start = pipe.run.step * k
     metrics = []
-    for index, batch in enumerate(loader, start):
+    for index, batch in enumerate(accelerator.skip_first_batches(loader, start), start):
         with accelerator.accumulate(model):
-            pipe.before_step(batch=batch, targets=batch["labels"], micro_batch=index % k,
-                             num_micro_batches=k, loss_scale=1.0)
+            window = index - index % k
+            pipe.before_step(batch=batch, targets=batch["labels"], micro_batch=index - window,
+                             num_micro_batches=min(k, len(loader) - window), loss_scale=1.0)
             outputs = model(**batch)
             loss = pipe.compute_loss(outputs["loss"], outputs=outputs)
             accelerator.backward(loss)
@@ -114,7 +114,7 @@ def launch(processes: int, data: list[dict], out: Path, **options: Any) -> list:
 @pytest.mark.parametrize("processes", [1, 2])
 def test_same_weights_ema_and_metrics_as_the_plain_loop(tmp_path, processes):
     data = samples()
-    ranks = launch(processes, data, tmp_path / "run", steps=4)
+    ranks = launch(processes, data, tmp_path / "run")
     want = train_plain(data, steps=4, batch_size=GLOBAL_BATCH, accumulation=2)
     for got in ranks:
         assert_same(got.weights, want.weights)
@@ -126,7 +126,7 @@ def test_same_weights_ema_and_metrics_as_the_plain_loop(tmp_path, processes):
 
 def test_bf16_autocast_gives_the_plain_loop_under_autocast(tmp_path):
     data = samples()
-    (got,) = launch(1, data, tmp_path / "run", steps=4, mixed_precision="bf16")
+    (got,) = launch(1, data, tmp_path / "run", mixed_precision="bf16")
     want = train_plain(data, steps=4, batch_size=GLOBAL_BATCH, accumulation=2, bf16=True)
     fp32 = train_plain(data, steps=4, batch_size=GLOBAL_BATCH, accumulation=2)
     assert_same(got.weights, want.weights)
@@ -138,7 +138,7 @@ def test_bf16_autocast_gives_the_plain_loop_under_autocast(tmp_path):
 def test_a_nan_in_one_ranks_batch_is_skipped_on_both(tmp_path):
     # Batch 5: the second micro-batch of the third step; its second half goes to rank 1.
     data = samples(nan_at=5 * GLOBAL_BATCH + 6)
-    ranks = launch(2, data, tmp_path / "run", steps=4)
+    ranks = launch(2, data, tmp_path / "run")
     want = train_plain(data, steps=4, batch_size=GLOBAL_BATCH, accumulation=2)
     assert want.skipped == 1
     for got in ranks:
@@ -151,12 +151,19 @@ def test_a_nan_in_one_ranks_batch_is_skipped_on_both(tmp_path):
 
 def test_resume_from_accelerates_checkpoint_gives_the_uninterrupted_run(tmp_path):
     data = samples()
-    (whole,) = launch(1, data, tmp_path / "whole", steps=4, save_at=2)
-    (resumed,) = launch(1, data, tmp_path / "resumed", steps=4, resume=tmp_path / "state")
+    (whole,) = launch(1, data, tmp_path / "whole", save_at=2)
+    (resumed,) = launch(1, data, tmp_path / "resumed", resume=tmp_path / "state")
     assert_same(resumed.weights, whole.weights)
     assert_same(resumed.averaged, whole.averaged)
     assert_same(resumed.optimizer, whole.optimizer)
     assert_same_metrics(resumed.metrics, whole.metrics[2:])
+
+
+def test_a_short_last_window_is_one_step_of_fewer_micro_batches(tmp_path):
+    data = samples(5 * GLOBAL_BATCH)  # micro-batches 2, 2 and 1
+    (got,) = launch(1, data, tmp_path / "run")
+    assert len(got.metrics) == 3
+    assert int(got.optimizer["0.step"]) == 3
 
 
 @pytest.mark.slow

@@ -74,11 +74,12 @@ def arguments(tmp_path, **overrides: Any) -> TrainingArguments:
 
 
 def build(tmp_path, data, *, mode: str = "mean", pipe=None, trainer_class=None,
-          fused: bool = True, callbacks=(), **overrides: Any) -> Trainer:
+          fused: bool = True, callbacks=(), eval_data=None, **overrides: Any) -> Trainer:
     """A Trainer over *data*; with *pipe*, a SteadytrainTrainer."""
     model = make_model(TinyWithLossKwargs if mode == "loss_kwargs" else Tiny)
     kwargs: dict[str, Any] = dict(
         model=model, args=arguments(tmp_path, **overrides), train_dataset=data,
+        eval_dataset=eval_data,
         optimizers=(make_optimizer(model, fused=fused), None), callbacks=list(callbacks),
     )
     if mode == "compute_loss_func":
@@ -174,8 +175,11 @@ def test_evaluation_runs_with_the_averaged_weights(tmp_path):
 
 def test_resume_from_a_mid_run_checkpoint_gives_the_uninterrupted_run(tmp_path):
     data = samples()
+    # An evaluation right before the checkpoint: the checkpoint must hold the training
+    # weights, not the averaged ones the evaluation ran with.
     options = dict(max_steps=6, gradient_accumulation_steps=2, save_strategy="steps",
-                   save_steps=3)
+                   save_steps=3, eval_strategy="steps", eval_steps=3,
+                   eval_data=samples(8, seed=1))
     whole = build(tmp_path / "whole", data, pipe=pipeline(CONFIG),
                   **options)
     whole.train()
