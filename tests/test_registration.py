@@ -365,20 +365,17 @@ class Tiny(nn.Module):
 OPTIONS = {name: {"taps": ["gate"]}
            for name in ("gate_entropy", "gate_smoothness", "sparsity_target")}
 #: Plugins that resolve their patterns when the names first appear in a step, not in setup.
-RESOLVED_LATER = {"corrector_penalty": "the corrected variables are known at the first step"}
+#: (The corrected variables are known only when a step records them.)
+RESOLVED_LATER = ("corrector_penalty", "pre_corrector_optimization")
 REGISTRY = Registry.discover()
 SELECTING_NOTHING = {"include": {"include": []}, "exclude": {"exclude": ["*"]}}
 
 
 def cases():
     for name in REGISTRY.names():
-        marks = ()
-        if name in RESOLVED_LATER:
-            marks = pytest.mark.xfail(strict=True, reason=(
-                f"{name}: patterns that can select nothing pass setup ("
-                f"{RESOLVED_LATER[name]}); refused only at the first step"))
-        for option in SELECTING_NOTHING:
-            yield pytest.param(name, option, marks=marks, id=f"{name}-{option}")
+        if name not in RESOLVED_LATER:
+            for option in SELECTING_NOTHING:
+                yield pytest.param(name, option, id=f"{name}-{option}")
 
 
 def instance(name, option):
@@ -406,12 +403,13 @@ def test_an_instance_whose_patterns_select_nothing_is_refused_at_setup(name, opt
 
 
 @pytest.mark.parametrize("option", SELECTING_NOTHING)
-def test_a_corrector_penalty_that_selects_nothing_is_refused_by_its_first_step(option):
-    from steadytrain.plugins.corrector_penalty import record_corrections
+@pytest.mark.parametrize("name", RESOLVED_LATER)
+def test_a_corrector_plugin_that_selects_nothing_is_refused_by_its_first_step(name, option):
+    from steadytrain.plugins.corrector.corrector_penalty import record_corrections
 
     model = Tiny()
     with raises(FilterError, "sel: include", "select none of the corrected variables"):
-        pipe = set_up(instance("corrector_penalty", option))
+        pipe = set_up(instance(name, option))
         pipe.before_step()
         pre = {"t": model(torch.randn(2, 4))}
         record_corrections(pre, {"t": pre["t"].clamp(min=0.4)})
