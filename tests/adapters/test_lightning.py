@@ -361,7 +361,7 @@ def test_trainer_clipping_and_a_clipping_plugin_together_are_refused(tmp_path):
 
 def test_a_module_without_the_mixin_is_refused_when_plugins_need_the_loss(tmp_path):
     with pytest.raises(steadytrain.UsageError,
-                       match=r"Bare: plugin instance\(s\) guard, label_smoothing need the loss"
+                       match=r"Bare: plugin instance\(s\) label_smoothing add terms to the loss"
                              r".*PipelineLossMixin"):
         fit(tmp_path, Bare(), PipelineCallback(CONFIG))
 
@@ -371,7 +371,7 @@ def test_a_training_step_without_pipeline_loss_fails_before_the_first_optimizer_
     initial = {k: v.clone() for k, v in net.state_dict().items()}
     with pytest.raises(steadytrain.UsageError,
                        match=r"Plain.training_step did not call self.pipeline_loss\(\) at step 0:"
-                             r" plugin instance\(s\) guard, label_smoothing"):
+                             r" plugin instance\(s\) label_smoothing would run without"):
         fit(tmp_path, net, PipelineCallback(CONFIG))
     assert_close_states(net.state_dict(), initial, rtol=0, atol=0)
 
