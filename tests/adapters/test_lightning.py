@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
+import re
 import runpy
 from pathlib import Path
 
@@ -296,6 +297,13 @@ def test_resume_from_the_checkpoint_saved_at_validation_reaches_the_same_weights
     assert_close_states(again.pipeline.plugins["ema"].averaged_state_dict(),
                         callback.pipeline.plugins["ema"].averaged_state_dict())
     assert_close_states(resumed.validated[-1], net.validated[-1])
+
+    # a fresh callback tests with the checkpoint's average
+    tested, fresh = Net(), PipelineCallback(CONFIG)
+    trainer(tmp_path, [fresh]).test(tested, val_loader(), ckpt_path=tmp_path / "epoch=0.ckpt",
+                                    verbose=False)
+    assert_close_states(tested.validated[-1], first["eval_state_dict"])
+    assert_close_states(tested.state_dict(), first["state_dict"])
 
 
 def test_a_checkpoint_without_pipeline_state_starts_the_plugins_afresh(tmp_path):
@@ -634,3 +642,13 @@ def test_the_example_skips_the_corrupted_step_and_resumes_exactly(tmp_path, monk
     assert resumed.replace("/b\n", "/a\n") == whole
     checkpoint = torch.load(tmp_path / "a" / "epoch=1.ckpt", weights_only=True)
     assert checkpoint["eval_state_dict"].keys() == checkpoint["state_dict"].keys()
+
+
+def test_the_usage_snippet_of_the_docs_runs(tmp_path, monkeypatch):
+    docs = Path(__file__).resolve().parents[2] / "docs" / "lightning.md"
+    (snippet,) = re.findall(r"```python\n(.*?)```", docs.read_text(), flags=re.DOTALL)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(snippet, str(docs), "exec"), namespace)
+    run = namespace["callback"].pipeline.run
+    assert (run.step, run.skipped_steps) == (8, 0)  # what the snippet's comment says
