@@ -247,9 +247,11 @@ def val_loader():
     return torch.utils.data.DataLoader(dataset()[:1], batch_size=None)
 
 
-def test_validation_and_test_see_the_average_and_training_weights_come_back(tmp_path):
-    model, pipe, _, _ = plain_run()
-    net, callback = Net(), PipelineCallback(CONFIG)
+@pytest.mark.parametrize("swap", ["auto", "copy"])
+def test_validation_and_test_see_the_average_and_training_weights_come_back(tmp_path, swap):
+    config = {"plugins": [*CONFIG["plugins"][:3], {**CONFIG["plugins"][3], "swap": swap}]}
+    model, pipe, _, _ = plain_run(config)
+    net, callback = Net(), PipelineCallback(config)
     run = trainer(tmp_path, [callback])
     run.fit(net, loader(), val_loader())
     averaged = pipe.plugins["ema"].averaged_state_dict()
