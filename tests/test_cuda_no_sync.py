@@ -16,7 +16,7 @@ import torch
 import steadytrain
 from steadytrain import Pipeline, Registry
 from steadytrain.nn import DualMemory, MemoryGate, SoftTopK
-from steadytrain.plugins.corrector_penalty import apply_corrector
+from steadytrain.plugins.corrector.corrector_penalty import apply_corrector
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +30,7 @@ CONFIG = {
         {"plugin": "gate_entropy", "weight": 0.05, "target": 1.0},
         {"plugin": "sparsity_target", "weight": 0.1},
         {"plugin": "corrector_penalty", "std": {"ice": 0.3}},
+        {"plugin": "pre_corrector_optimization"},
         {"plugin": "grad_clip", "groups": [{"name": "memory", "include": ["gate.*"],
                                             "max_norm": 0.5}]},
         {"plugin": "grad_norm"},
@@ -56,8 +57,8 @@ class Toy(torch.nn.Module):
         mixed, _ = self.gate(h, stm, ltm)
         sparse, _ = self.sparse(mixed)
         self.memory.store(h.detach()[0, :4], sparse.detach()[0, :4])
-        apply_corrector(lambda f: {"ice": f["ice"].clamp(0, 1)},
-                        {"ice": 10 * self.field(sparse).squeeze(-1) - 2})
+        self.fields = apply_corrector(lambda f: {"ice": f["ice"].clamp(0, 1)},
+                                      {"ice": 10 * self.field(sparse).squeeze(-1) - 2})
         return self.head(sparse)
 
 
@@ -75,10 +76,9 @@ def test_every_plugin_together_causes_no_host_sync_per_step():
     def step() -> None:
         pipe.before_step(batch=x, targets=y)
         logits = model(x)
-        loss = pipe.compute_loss(
-            torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()),
-            outputs={"logits": logits},
-        )
+        fields = pipe.plugins["pre_corrector_optimization"].for_loss(model.fields)
+        task = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss = pipe.compute_loss(task + fields["ice"].square().mean(), outputs={"logits": logits})
         loss.backward()
         steadytrain.step_optimizer(optimizer, pipe.after_backward())
         pipe.consolidate()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers import regularize, round_trip
 
 import steadytrain
-from steadytrain.plugins.corrector_penalty import (
+from steadytrain.plugins.corrector.corrector_penalty import (
     Correction,
     CorrectionError,
     CorrectorPenalty,

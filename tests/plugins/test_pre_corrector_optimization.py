@@ -6,14 +6,14 @@ import pytest
 import torch
 
 import steadytrain
-from steadytrain.plugins.corrector_penalty import (
+from steadytrain.plugins.corrector.corrector_penalty import (
     Correction,
     CorrectionError,
     CorrectorPenalty,
     apply_corrector,
     corrector_penalty,
 )
-from steadytrain.plugins.pre_corrector_optimization import (
+from steadytrain.plugins.corrector.pre_corrector_optimization import (
     PreCorrectorOptimization,
     uncorrected_fields,
 )

@@ -93,7 +93,8 @@ import attrs
 import torch
 
 import steadytrain
-from steadytrain.plugins.corrector_penalty import (
+
+from .corrector_penalty import (
     DEFAULT_SOURCE,
     Correction,
     CorrectionError,
