@@ -5,6 +5,8 @@ instance belongs, a weight or an option that cannot be applied, patterns that se
 nothing: each is an error naming the instance (or the plugin and where it comes from).
 """
 
+from importlib import metadata
+
 import attrs
 import pytest
 import torch
@@ -218,6 +220,35 @@ def test_the_id_of_a_refused_register_stays_free():
         pipe.register(bad, "half")
     pipe.register(HalfWeighted(0.5), "half")
     assert list(pipe.plugins) == ["half"]
+
+
+# -- the distributions the registry reads ---------------------------------------------------------
+
+TWICE = '''
+import steadytrain
+
+
+class Good(steadytrain.Plugin):
+    """A plugin of a distribution installed twice."""
+
+    name = "good"
+'''
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Registry.discover() merges the entry points of every copy of a distribution on the path; "
+    "Python imports the first copy, and importlib.metadata.entry_points() reads only that one"))
+def test_a_shadowed_copy_of_a_distribution_adds_no_entry_points(tmp_path, monkeypatch):
+    first, shadowed = tmp_path / "first", tmp_path / "shadowed"
+    first.mkdir()
+    shadowed.mkdir()
+    install(first, "acme-twice", "acme_twice", TWICE, {"good": "Good"})
+    install(shadowed, "acme-twice", "acme_twice", TWICE, {"good": "Good", "stale": "Gone"})
+    monkeypatch.syspath_prepend(str(shadowed))
+    monkeypatch.syspath_prepend(str(first))
+    imported = sorted(ep.name for ep in metadata.entry_points(group="steadytrain.plugins"))
+    assert "stale" not in imported
+    assert Registry.discover().names() == imported
 
 
 # -- options the core would shadow ---------------------------------------------------------
