@@ -10,6 +10,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from exact import assert_same
 from expect import raises
 from helpers import round_trip
 from torch import nn
@@ -21,30 +22,6 @@ from steadytrain.plugins.ema import EMA
 from steadytrain.plugins.gate_entropy import GateEntropy
 from steadytrain.plugins.grad_norm import GradNorm
 from steadytrain.plugins.guard import Guard
-
-
-def assert_same(actual, expected, where="state"):
-    """*actual* equals *expected* exactly: tensors by ``torch.equal`` and dtype, NaN == NaN."""
-    assert type(actual) is type(expected), f"{where}: {type(actual)} != {type(expected)}"
-    if isinstance(expected, torch.Tensor):
-        assert actual.dtype == expected.dtype and actual.shape == expected.shape, where
-        same_nans = torch.equal(actual.isnan(), expected.isnan()) if actual.is_floating_point() \
-            else True
-        assert same_nans and torch.equal(actual.nan_to_num(), expected.nan_to_num()) \
-            if actual.is_floating_point() else torch.equal(actual, expected), where
-    elif isinstance(expected, dict):
-        assert list(actual) == list(expected), f"{where}: keys {list(actual)} != {list(expected)}"
-        for key in expected:
-            assert_same(actual[key], expected[key], f"{where}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), where
-        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-            assert_same(a, e, f"{where}[{i}]")
-    elif isinstance(expected, float) and expected != expected:
-        assert actual != actual, where
-    else:
-        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
-
 
 # -- a pipeline with state in several instances -------------------------------------------------
 
