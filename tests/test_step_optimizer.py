@@ -6,6 +6,7 @@ or no step at all), and the weights and optimizer states must agree bit for bit.
 """
 
 import copy
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from exact import assert_same
 from expect import raises
 
 import steadytrain
-from steadytrain import SkipRequest, StepOutcome, UsageError, step_optimizer
+from steadytrain import Pipeline, SkipRequest, StepOutcome, UsageError, step_optimizer
 
 PLAIN = {
     "SGD": lambda params: torch.optim.SGD(params, lr=0.1),
@@ -29,14 +30,15 @@ FUSED = {
 }
 
 
-def problem(make_optimizer, *, warm_steps=1):
+def problem(make_optimizer, *, warm_steps=1, device="cpu"):
     """A model whose gradients are ready, and its optimizer after *warm_steps* plain steps."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    model.to(device)
     optimizer = make_optimizer(model.parameters())
     for step in range(warm_steps + 1):
         optimizer.zero_grad()
-        model(torch.randn(5, 4)).pow(2).mean().backward()
+        model(torch.randn(5, 4, device=device)).pow(2).mean().backward()
         if step < warm_steps:
             optimizer.step()
     return model, optimizer
@@ -215,3 +217,92 @@ def test_no_skip_under_a_grad_scaler_steps_like_scaler_step(optimizer, outcome):
 def test_step_optimizer_is_public_api_of_the_core_not_of_a_plugin():
     assert "step_optimizer" in steadytrain.__all__
     assert step_optimizer.__module__ == "steadytrain.optimizer_step"
+
+
+# -- on CUDA the decision stays on the device ------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+#: Fused Adagrad is CPU-only in torch.
+FUSED_ON_CUDA = {name: make for name, make in FUSED.items() if name != "Adagrad"}
+
+
+@contextmanager
+def no_host_sync():
+    """Any host-device synchronization inside is an error (torch's sync debug mode)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda
+@pytest.mark.parametrize("skip", [True, False], ids=["skip", "step"])
+@pytest.mark.parametrize("optimizer", FUSED_ON_CUDA)
+def test_a_fused_optimizer_follows_a_device_flag_without_a_host_sync_on_cuda(optimizer, skip):
+    model, opt = problem(FUSED_ON_CUDA[optimizer], device="cuda")
+    before = snapshot(model, opt)
+    outcome = request(torch.tensor(skip, device="cuda"))
+    with no_host_sync():
+        step_optimizer(opt, outcome)
+    expected = before if skip else stepped_by_hand(FUSED_ON_CUDA[optimizer], device="cuda")
+    assert_same(snapshot(model, opt), expected)
+
+
+@cuda
+@pytest.mark.parametrize("skip", [True, False], ids=["skip", "step"])
+def test_a_grad_scaler_driving_a_fused_adamw_takes_a_device_flag_without_a_host_sync_on_cuda(
+    skip,
+):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2).cuda()
+    opt = FUSED["AdamW"](model.parameters())
+    scaler = torch.amp.GradScaler("cuda", init_scale=1024.0)
+    for step in range(2):
+        scaler.scale(model(torch.randn(5, 4, device="cuda")).pow(2).mean()).backward()
+        scaler.unscale_(opt)
+        weights = copy.deepcopy(model.state_dict())
+        with no_host_sync() if step else nullcontext():  # the first step reads the flag once
+            step_optimizer(opt, request(torch.tensor(skip and step == 1, device="cuda")),
+                           scaler=scaler)
+            scaler.update()
+        opt.zero_grad()
+    assert (scaler.get_scale() == 512.0) == skip
+    assert all(torch.equal(model.state_dict()[k], weights[k]) for k in weights) == skip
+
+
+GUARDED = {"plugins": [{"plugin": "guard", "check_every": 1000}, {"plugin": "grad_clip"},
+                       {"plugin": "ema", "decay": 0.9}]}
+
+
+@cuda
+def test_the_documented_loop_with_a_guard_and_a_fused_adamw_never_syncs_the_host_on_cuda():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(),
+                                torch.nn.Linear(16, 3)).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    pipe = Pipeline.from_config(GUARDED).setup(model, optimizer, total_steps=20)
+    x = torch.randn(4, 8, device="cuda")
+    y = torch.randint(0, 3, (4,), device="cuda")
+
+    def step(batch):
+        pipe.before_step(batch=batch, targets=y)
+        logits = model(batch)
+        loss = pipe.compute_loss(torch.nn.functional.cross_entropy(logits, y))
+        loss.backward()
+        steadytrain.step_optimizer(optimizer, pipe.after_backward())
+        pipe.consolidate()
+        optimizer.zero_grad()
+
+    for _ in range(3):  # first-step checks and allocations
+        step(x)
+    weights = copy.deepcopy(model.state_dict())
+    with no_host_sync():
+        step(x * float("nan"))  # the guard skips it, on the device
+    assert all(torch.equal(model.state_dict()[k], weights[k]) for k in weights)
+    with no_host_sync():
+        for _ in range(3):
+            step(x)
+    assert pipe.run.skipped_steps == 1 and pipe.run.step == 7
+    assert not all(torch.equal(model.state_dict()[k], weights[k]) for k in weights)
