@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import steadytrain
-from steadytrain.plugins.corrector_penalty import apply_corrector
+from steadytrain.plugins.corrector.corrector_penalty import apply_corrector
 
 HERE = Path(__file__).resolve().parent
 NAMES = ("sea_ice_fraction", "tracer_0", "tracer_1")
