@@ -17,7 +17,7 @@ from torch import nn
 
 import steadytrain
 from steadytrain import CheckpointError, HookError, Pipeline, Registry, hookimpl
-from steadytrain.plugins.corrector_penalty import record_corrections
+from steadytrain.plugins.corrector.corrector_penalty import apply_corrector
 from steadytrain.plugins.ema import EMA
 from steadytrain.plugins.gate_entropy import GateEntropy
 from steadytrain.plugins.grad_norm import GradNorm
@@ -306,12 +306,14 @@ def every_built_in(steps):
                           for name in BUILT_INS.names()]}
     pipe = Pipeline.from_config(config, registry=BUILT_INS)
     pipe.setup(model, optimizer, total_steps=10)
+    pre_corrector = pipe.plugins["pre_corrector_optimization"]
     for _ in range(steps):
         x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
         pipe.before_step(batch=x, targets=y)
         logits = model(x)
-        record_corrections({"y": logits}, {"y": logits.clamp(-0.2, 0.2)})
-        loss = pipe.compute_loss(F.cross_entropy(logits, y), outputs={"logits": logits})
+        fields = apply_corrector(lambda f: {"y": f["y"].clamp(-0.2, 0.2)}, {"y": logits})
+        task = F.cross_entropy(pre_corrector.for_loss(fields)["y"], y)
+        loss = pipe.compute_loss(task, outputs={"logits": logits})
         loss.backward()
         steadytrain.step_optimizer(optimizer, pipe.after_backward())
         pipe.consolidate()
@@ -356,7 +358,7 @@ def hooked_modules(model):
 
 def test_a_refused_setup_leaves_no_forward_hook_and_the_pipeline_unbound():
     model = gate_model()
-    pipe = Pipeline([GateEntropy(GateEntropy.Config(taps=("gate",))), FailsOnce()])
+    pipe = Pipeline([GateEntropy(GateEntropy.Config(taps=("gate",), target=0.5)), FailsOnce()])
     with raises(HookError, "plugin instance 'fails_once'", "RuntimeError in setup",
                 "the device is busy"):
         pipe.setup(model, None, total_steps=5)
@@ -367,7 +369,7 @@ def test_a_refused_setup_leaves_no_forward_hook_and_the_pipeline_unbound():
 
 def test_setup_can_be_called_again_after_a_refused_one_and_taps_once():
     model = gate_model()
-    pipe = Pipeline([GateEntropy(GateEntropy.Config(taps=("gate",))), FailsOnce()])
+    pipe = Pipeline([GateEntropy(GateEntropy.Config(taps=("gate",), target=0.5)), FailsOnce()])
     with raises(HookError):
         pipe.setup(model, None, total_steps=5)
     pipe.setup(model, None, total_steps=5)
@@ -383,7 +385,7 @@ def test_setup_can_be_called_again_after_a_refused_one_and_taps_once():
 
 def test_a_real_plugin_refusing_setup_after_another_tapped_leaves_no_forward_hook():
     model = gate_model()
-    pipe = Pipeline([GateEntropy(GateEntropy.Config(taps=("gate",))),
+    pipe = Pipeline([GateEntropy(GateEntropy.Config(taps=("gate",), target=0.5)),
                      GradNorm(include=["decoder.*"])])
     with raises(steadytrain.FilterError, "grad_norm.include", "'decoder.*'"):
         pipe.setup(model, None, total_steps=5)

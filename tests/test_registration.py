@@ -25,6 +25,7 @@ from steadytrain import (
     UsageError,
     hookimpl,
 )
+from steadytrain.plugins.corrector.corrector_penalty import apply_corrector
 from steadytrain.plugins.grad_norm import GradNorm
 
 # -- hooks that would never run ----------------------------------------------------------------
@@ -396,7 +397,10 @@ class Tiny(nn.Module):
 OPTIONS = {name: {"taps": ["gate"]}
            for name in ("gate_entropy", "gate_smoothness", "sparsity_target")}
 #: Plugins that resolve their patterns when the names first appear in a step, not in setup.
-RESOLVED_LATER = {"corrector_penalty": "the corrected variables are known at the first step"}
+RESOLVED_LATER = {
+    "corrector_penalty": "the corrected variables are known at the first step",
+    "pre_corrector_optimization": "the corrected variables are known at the first step",
+}
 REGISTRY = Registry.discover()
 SELECTING_NOTHING = {"include": {"include": []}, "exclude": {"exclude": ["*"]}}
 
@@ -437,16 +441,18 @@ def test_an_instance_whose_patterns_select_nothing_is_refused_at_setup(name, opt
 
 
 @pytest.mark.parametrize("option", SELECTING_NOTHING)
-def test_a_corrector_penalty_that_selects_nothing_is_refused_by_its_first_step(option):
-    from steadytrain.plugins.corrector_penalty import record_corrections
-
+@pytest.mark.parametrize("name", RESOLVED_LATER)
+def test_an_instance_resolving_at_its_first_step_that_selects_nothing_is_refused_there(
+    name, option
+):
     model = Tiny()
     with raises(FilterError, "sel: include", "select none of the corrected variables"):
-        pipe = set_up(instance("corrector_penalty", option))
+        pipe = set_up(instance(name, option))
         pipe.before_step()
-        pre = {"t": model(torch.randn(2, 4))}
-        record_corrections(pre, {"t": pre["t"].clamp(min=0.4)})
-        pipe.compute_loss(pre["t"].sum())
+        fields = apply_corrector(lambda f: {"t": f["t"].clamp(min=0.4)},
+                                 {"t": model(torch.randn(2, 4))})
+        for_loss = getattr(pipe.plugins["sel"], "for_loss", lambda fields: fields)
+        pipe.compute_loss(for_loss(fields)["t"].sum())
 
 
 def test_every_plugin_has_the_options_it_needs_to_select_in_the_tiny_model():
