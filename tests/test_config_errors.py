@@ -11,6 +11,7 @@ import pytest
 from distributions import install
 from expect import raises
 
+import steadytrain
 from steadytrain import ConfigError, Pipeline, Registry, load_config
 from steadytrain.cli import main
 
@@ -304,3 +305,11 @@ def test_a_bad_param_group_is_reported_by_steadytrain_check_with_its_path(tmp_pa
     code, _, err = cli(capsys, "check", str(path))
     assert code == 1
     assert "param_groups[1].lr_scale: " in err
+
+
+def test_a_plugin_option_error_is_a_steadytrain_error_naming_the_option():
+    from steadytrain.plugins.ema import EMA
+
+    with raises(steadytrain.OptionError, "decay: must be in (0.0, 1.0), got 1.5") as info:
+        EMA.Config(decay=1.5)
+    assert info.value.option == "decay"

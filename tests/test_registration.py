@@ -476,3 +476,79 @@ def test_a_string_pattern_is_refused_in_a_config(option):
                 'write ["enc.*"]'):
         steadytrain.load_config({"plugins": [{"plugin": "grad_norm", option: "enc.*"}]},
                                 registry=REGISTRY)
+
+
+# -- assembly from a config -------------------------------------------------------------------
+
+
+def test_from_config_discovers_the_registry_once(monkeypatch):
+    calls = []
+    discover = Registry.discover.__func__
+
+    def counted(cls, **kwargs):
+        calls.append(kwargs)
+        return discover(cls, **kwargs)
+
+    monkeypatch.setattr(Registry, "discover", classmethod(counted))
+    pipe = Pipeline.from_config({"plugins": [{"plugin": "grad_norm"}, {"plugin": "ema"}]})
+    assert list(pipe.plugins) == ["grad_norm", "ema"]
+    assert len(calls) == 1
+
+
+def test_an_instance_config_carries_its_plugin_class():
+    config = steadytrain.load_config({"plugins": [{"plugin": "grad_norm", "id": "norms"}]},
+                                     registry=REGISTRY)
+    (entry,) = config.plugins
+    assert entry.factory is GradNorm
+    plugin = entry.build()
+    assert type(plugin) is GradNorm and plugin.id == "norms"
+
+
+def test_an_instance_config_without_its_class_cannot_be_built():
+    entry = steadytrain.InstanceConfig(plugin="grad_norm", options=GradNorm.Config(), id="n")
+    with raises(ConfigError, "n: this InstanceConfig does not know its plugin class",
+                "steadytrain.load_config"):
+        entry.build()
+
+
+# -- one name for an instance's identity -------------------------------------------------------
+
+
+class Named(steadytrain.Plugin):
+    """Records the id it sees in its hooks, logs, returns a term and asks to skip."""
+
+    name = "named"
+    seen = ()
+
+    @hookimpl
+    def compute_regularizers(self, ctx):
+        self.seen = (*self.seen, ctx.id)
+        ctx.log("seen", 1.0)
+        return {"t": ctx.outputs["pred"].pow(2).mean()}
+
+    @hookimpl
+    def after_backward(self, ctx):
+        self.seen = (*self.seen, ctx.id)
+        ctx.request_skip("asked", when=False)
+        if ctx.step == 1:
+            raise RuntimeError("boom")
+
+
+def test_an_instance_is_named_by_its_id_in_the_plugin_the_context_metrics_and_errors(model):
+    left = Named(id="left")
+    pipe = Pipeline([left, Named(id="right")]).setup(model, None)
+    assert list(pipe.plugins) == ["left", "right"] and left.id == "left"
+    for step in range(2):
+        pipe.before_step()
+        pred = model(torch.randn(3, 4))
+        pipe.compute_loss(pred.sum(), outputs={"pred": pred})
+        if step == 0:
+            outcome = pipe.after_backward()
+            pipe.consolidate()
+    assert left.seen == ("left", "left", "left")
+    assert [r.id for r in outcome.requests] == ["left", "right"]
+    assert {"left/seen", "reg/left/t", "reg_weighted/right/t"} <= set(pipe.metrics())
+    with raises(steadytrain.HookError, "plugin instance 'left' (named)", "after_backward",
+                "step 1", "boom") as info:
+        pipe.after_backward()
+    assert (info.value.id, info.value.hook, info.value.step) == ("left", "after_backward", 1)
