@@ -272,17 +272,18 @@ def test_a_grad_scaler_driving_a_fused_adamw_takes_a_device_flag_without_a_host_
     assert all(torch.equal(model.state_dict()[k], weights[k]) for k in weights) == skip
 
 
-GUARDED = {"plugins": [{"plugin": "guard", "check_every": 1000}, {"plugin": "grad_clip"},
-                       {"plugin": "ema", "decay": 0.9}]}
-
-
 @cuda
-def test_the_documented_loop_with_a_guard_and_a_fused_adamw_never_syncs_the_host_on_cuda():
+@pytest.mark.parametrize("check_every", [1000, 1], ids=["no counter read", "reads every step"])
+def test_the_documented_loop_with_a_guard_and_a_fused_adamw_never_syncs_the_host_on_cuda(
+    check_every,
+):
+    config = {"plugins": [{"plugin": "guard", "check_every": check_every},
+                          {"plugin": "grad_clip"}, {"plugin": "ema", "decay": 0.9}]}
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(),
                                 torch.nn.Linear(16, 3)).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    pipe = Pipeline.from_config(GUARDED).setup(model, optimizer, total_steps=20)
+    pipe = Pipeline.from_config(config).setup(model, optimizer, total_steps=20)
     x = torch.randn(4, 8, device="cuda")
     y = torch.randint(0, 3, (4,), device="cuda")
 
