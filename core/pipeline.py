@@ -39,8 +39,8 @@ from .checkpoint import load_instances, parse_state, pipeline_state
 from .config import RunConfig, disabled_names, load_config
 from .context import Run, StepContext, StepOutcome, _active_step
 from .errors import ConfigError, TermError, UsageError
-from .hook_table import HookTable, name_of
 from .filters import VariableFilter
+from .hook_table import HookTable, name_of
 from .loss import LossComposer, check_task_loss, instance_weight
 from .registry import Registry
 
