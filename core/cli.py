@@ -20,6 +20,7 @@ from typing import Any
 from ._version import __version__
 from .config import load_config, option_table
 from .errors import SteadytrainError
+from .experiments.commands import add_commands
 from .pipeline import Pipeline
 from .registry import Registry, implemented_hooks
 
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config file without training")
     check.add_argument("file")
     check.set_defaults(func=cmd_check)
+    add_commands(sub)
     return parser
 
 

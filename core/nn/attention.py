@@ -33,9 +33,10 @@ class CausalSelfAttention(nn.Module):
     ``logits = q·kᵀ / √head_dim`` per head, with ``q`` and ``k`` passed through a
     LayerNorm over the head dimension first when ``qk_layernorm`` is set; future keys are
     masked, the softmax weights average ``v``, and a linear layer mixes the heads.
-    ``forward`` returns the output, and reports the largest ``|logit|`` over the visible
-    positions (a detached scalar) to the open pipeline step as ``ctx.outputs[report_as]``
-    (``report_as=None`` reports nothing; several layers report a list).
+    ``forward`` returns the output, and reports the largest logit over the visible
+    positions (a detached scalar; Wortsman et al.'s "max attention logit") to the open
+    pipeline step as ``ctx.outputs[report_as]`` (``report_as=None`` reports nothing;
+    several layers report a list).
     """
 
     def __init__(
@@ -73,11 +74,10 @@ class CausalSelfAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         logits = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
-        hidden = causal_mask(length, x.device)
+        logits = logits.masked_fill(causal_mask(length, x.device), float("-inf"))
         if self.report_as is not None:
-            with torch.no_grad():
-                report(self.report_as, logits.abs().masked_fill(hidden, 0.0).amax())
-        weights = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1)
+            report(self.report_as, logits.detach().amax())
+        weights = torch.softmax(logits, dim=-1)
         out = (weights @ v).transpose(1, 2).reshape(batch, length, self.dim)
         return self.proj(out)
 
