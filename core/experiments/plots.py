@@ -1,11 +1,11 @@
 """The comparison's figure: the learning-rate picture of stability and what lies behind it.
 
 Six panels: final validation loss against learning rate per config (the mean over
-seeds, with the range of the seeds shaded, and the initial loss dashed: the picture
-that shows stability); the largest attention logit and the skipped steps against
-learning rate; and, at one learning rate (by default the largest of the sweep, where
-configs differ most), the training loss, the gradient norm and the output-logit
-maximum per step of the first seed. Needs matplotlib (``pip install 'steadytrain[plots]'``).
+seeds, with the range of the seeds shaded: the picture that shows stability); the
+largest attention logit and the skipped steps against learning rate; and, at one
+learning rate (by default the largest of the sweep, where configs differ most), the
+training loss, the gradient norm and the output-logit maximum per step of the first
+seed. Needs matplotlib (``pip install 'steadytrain[plots]'``).
 """
 
 from __future__ import annotations
