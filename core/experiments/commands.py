@@ -82,7 +82,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     result = compare(args.configs, out, lrs=lrs, seeds=args.seeds, jobs=args.jobs,
                      threads=args.threads, resume=args.resume, overwrite=args.overwrite,
                      model=args.model, disable=_disabled(args), no_autoload=args.no_autoload,
-                     curve_lr=args.curve_lr, plot=not args.no_plot, progress=not args.quiet)
+                     ablate=args.ablate, curve_lr=args.curve_lr, plot=not args.no_plot,
+                     progress=not args.quiet)
     return _report(result, out, "the same command with --resume")
 
 
@@ -143,6 +144,8 @@ def add_commands(sub: Any) -> None:
     comp.add_argument("--jobs", type=int, help="runs at a time (default: CPU cores / threads)")
     comp.add_argument("--curve-lr", type=float,
                       help="learning rate of the loss and gradient curves (default: the largest)")
+    comp.add_argument("--ablate", action="store_true",
+                      help="also run the last config once without each of its plugins")
     comp.add_argument("--no-plot", action="store_true", help="write no figure")
     _run_flags(comp, threads=1)
     comp.set_defaults(func=cmd_compare)

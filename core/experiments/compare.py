@@ -59,6 +59,7 @@ class Planned:
     config: ExperimentConfig
     out: Path
     log: Path
+    removed: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -77,10 +78,21 @@ def labels_of(paths: Sequence[Path]) -> list[str]:
     return labels
 
 
+def ablations(label: str, config: ExperimentConfig) -> list[tuple[str, tuple[str, ...]]]:
+    """``(label, removed ids)``: the config itself, then without each enabled instance."""
+    off = set(config.pipeline.disable)
+    ids = [i.id for i in config.pipeline.plugins
+           if i.enabled and i.id not in off and i.plugin not in off]
+    return [(label, ()), *((f"{label}-no_{i}", (i,)) for i in ids)]
+
+
 def plan(paths: Sequence[Path], out: Path, *, lrs: Sequence[float] | None,
          seeds: Sequence[int] | None, model: str | None, disable: tuple[str, ...] = (),
-         no_autoload: bool = False) -> list[Planned]:
-    """Every run of the comparison, after checking that the configs can be compared."""
+         no_autoload: bool = False, ablate: bool = False) -> list[Planned]:
+    """Every run of the comparison, after checking that the configs can be compared.
+
+    With *ablate*, the last config also runs once without each of its plugin instances.
+    """
     if not paths:
         raise ConfigError("compare: name at least one config file")
     configs = [load_experiment(p, model=model, model_options=model_options)
@@ -97,14 +109,20 @@ def plan(paths: Sequence[Path], out: Path, *, lrs: Sequence[float] | None,
                     f"compare: {path} and {paths[0]} differ in {what} ({mine!r} and "
                     f"{theirs!r}); compared configs share the model, the data and the budget"
                 )
+    variants = [(label, path, config, ())
+                for label, path, config in zip(labels_of(paths), paths, configs, strict=True)]
+    if ablate:
+        label, path, config, _ = variants.pop()
+        variants += [(name, path, config.with_disabled(removed), removed)
+                     for name, removed in ablations(label, config)]
     runs = []
-    for label, path, config in zip(labels_of(paths), paths, configs, strict=True):
+    for label, path, config, removed in variants:
         for lr in lrs or [config.train.lr]:
             for seed in seeds if seeds is not None else [config.train.seed]:
                 run = config.with_overrides(lr=lr, seed=seed)
                 where = Path(label) / f"lr_{lr:g}" / f"seed_{seed}"
                 runs.append(Planned(label, path, run, out / where,
-                                    out / "logs" / where.with_suffix(".log")))
+                                    out / "logs" / where.with_suffix(".log"), removed))
     return runs
 
 
@@ -142,7 +160,8 @@ def finished_summary(run: Planned) -> dict[str, Any] | None:
 def command(run: Planned, *, threads: int, model: str | None,
             global_flags: Sequence[str]) -> list[str]:
     """The ``steadytrain run`` command line of *run*."""
-    args = [sys.executable, "-m", "steadytrain", *global_flags, "run", str(run.path),
+    removed = [flag for name in run.removed for flag in ("-p", f"no:{name}")]
+    args = [sys.executable, "-m", "steadytrain", *global_flags, *removed, "run", str(run.path),
             "--out", str(run.out), "--lr", repr(run.config.train.lr),
             "--seed", str(run.config.train.seed), "--threads", str(threads), "--quiet"]
     if model is not None:
@@ -288,6 +307,12 @@ def config_measures(outcomes: Sequence[Outcome]) -> dict[str, Any]:
         "oscillation_floor": measures.mean_and_spread(values("oscillation_floor"))[0],
         "seconds_per_step": measures.mean_and_spread(values("seconds_per_step"))[0],
         "val_loss_raw_at_best": _at(outcomes, measures.best_lr(mean_final), "val_loss_raw"),
+        "extras_at_best": {
+            key: measures.mean_and_spread([
+                o.summary["extras"][key] for o in outcomes if o.summary is not None
+                and o.run.config.train.lr == measures.best_lr(mean_final)])
+            for key in sorted({k for s in summaries for k in s.get("extras", {})})
+        },
     }
 
 
@@ -334,6 +359,18 @@ def tables(by_label: Mapping[str, dict[str, Any]], seeds: int) -> str:
     for label, m in by_label.items():
         cells = [_pm(m["final_by_lr"].get(lr, (math.nan, math.nan))) for lr in lrs]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    extras = sorted({k for m in by_label.values() for k in m["extras_at_best"]})
+    lines += ["", "At each config's best learning rate (mean over seeds; the final loss is "
+              "that of the weights the pipeline evaluates with, averaged where a plugin "
+              "keeps an average):", "",
+              "| config | best lr | final loss | raw weights | "
+              + "".join(f"{k} | " for k in extras),
+              "|" + " --- |" * (len(extras) + 4)]
+    for label, m in by_label.items():
+        cells = [_pm(m["extras_at_best"].get(k, (math.nan, math.nan))) for k in extras]
+        lines.append(f"| {label} | {_num(m['best_lr'], 3)} | "
+                     f"{_num(m['final_by_lr'].get(m['best_lr'], (math.nan,))[0])} | "
+                     f"{_num(m['val_loss_raw_at_best'])} | " + "".join(f"{c} | " for c in cells))
     return "\n".join(lines) + "\n"
 
 
@@ -357,7 +394,7 @@ def compare(
     paths: Sequence[str | Path], out: str | Path, *, lrs: Sequence[float] | None = None,
     seeds: Sequence[int] | None = None, jobs: int | None = None, threads: int = 1,
     resume: bool = False, overwrite: bool = False, model: str | None = None,
-    disable: tuple[str, ...] = (), no_autoload: bool = False,
+    disable: tuple[str, ...] = (), no_autoload: bool = False, ablate: bool = False,
     curve_lr: float | None = None, plot: bool = True, progress: bool = True,
 ) -> dict[str, Any]:
     """Run the comparison and write its table and figure; return what it found.
@@ -367,7 +404,7 @@ def compare(
     """
     out = Path(out)
     runs = plan([Path(p) for p in paths], out, lrs=lrs, seeds=seeds, model=model,
-                disable=disable, no_autoload=no_autoload)
+                disable=disable, no_autoload=no_autoload, ablate=ablate)
     global_flags = [*(f for name in disable for f in ("-p", f"no:{name}")),
                     *(["--no-autoload"] if no_autoload else [])]
     if plot:

@@ -31,6 +31,16 @@ VOCAB = 256
 SEPARATOR = b"\n\n"
 
 
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A generator whose stream depends on (*seed*, *step*) only.
+
+    torch seeds its CPU generator with 32 bits, so the pair is hashed into 32 bits
+    rather than packed into a larger number (whose high bits would be dropped).
+    """
+    digest = hashlib.sha256(f"{seed}:{step}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:4], "little"))
+
+
 @attrs.frozen(eq=False)
 class Corpus:
     """Training and validation bytes (``uint8`` tensors) and where they came from."""
@@ -59,7 +69,7 @@ class Corpus:
 
     def batch(self, step: int, seed: int, batch_size: int, seq_len: int) -> torch.Tensor:
         """``(batch_size, seq_len + 1)`` token ids (int64) for training step *step*."""
-        gen = torch.Generator().manual_seed(seed * 2**32 + step)
+        gen = step_generator(seed, step)
         starts = torch.randint(len(self.train) - seq_len, (batch_size,), generator=gen)
         index = starts[:, None] + torch.arange(seq_len + 1)
         return self.train[index].long()

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from .. import validators
 from ..context import report
 from ..pipeline import Pipeline
+from .data import step_generator
 
 NAMES = ("sea_ice_fraction", "tracer_0", "tracer_1")
 TRACERS = NAMES[1:]
@@ -208,7 +209,7 @@ class EmulationTask:
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``rollout + 1`` consecutive states of random trajectories: (first, the rest)."""
-        gen = torch.Generator().manual_seed(self.seed * 2**32 + step)
+        gen = step_generator(self.seed, step)
         count, length = self.data.shape[:2]
         rollout = self.options.rollout
         traj = torch.randint(count, (self.batch_size,), generator=gen)
