@@ -4,9 +4,10 @@ Everything a plugin author or a host needs is importable from here; ``__all__`` 
 public API and built-in plugins use nothing else.
 """
 
-from . import hookspecs, nn, schedules, validators
+from . import hookspecs, schedules, sources, validators
 from ._version import __version__
 from .config import (
+    GroupSpec,
     InstanceConfig,
     RunConfig,
     load_config,
@@ -31,6 +32,7 @@ from .errors import (
 from .filters import VariableFilter
 from .hookspecs import hookimpl
 from .metrics import MetricStore
+from .optimizer_step import step_optimizer
 from .pipeline import Pipeline
 from .plugin import NoOptions, Plugin
 from .registry import Registry
@@ -39,6 +41,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "FilterError",
+    "GroupSpec",
     "HookError",
     "InstanceConfig",
     "MetricStore",
@@ -62,9 +65,10 @@ __all__ = [
     "hookimpl",
     "hookspecs",
     "load_config",
-    "nn",
     "report",
     "schedules",
+    "sources",
+    "step_optimizer",
     "structure_config",
     "structure_options",
     "suggest",

@@ -2,27 +2,36 @@
 
     steadytrain plugins [--json]      every discovered plugin, broken ones included
     steadytrain config NAME           a plugin's options with their defaults, as TOML
-    steadytrain check FILE            validate a config file without training
+    steadytrain check FILE [--model module:callable]
+                                      validate a config file without training
 
-``-p no:NAME`` (repeatable) leaves a plugin or instance out and ``--no-autoload`` reads
-only the built-in plugins, like pytest's ``-p no:NAME`` and
-``PYTEST_DISABLE_PLUGIN_AUTOLOAD``.
+``-p no:NAME`` (repeatable) and the environment variable ``STEADYTRAIN_DISABLE`` leave a
+plugin or instance out, and ``--no-autoload`` reads only the built-in plugins, like
+pytest's ``-p no:NAME`` and ``PYTEST_DISABLE_PLUGIN_AUTOLOAD``. Logs (structlog events) go
+to standard error; standard output carries only the command's result.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+import structlog
+import torch
+
 from ._version import __version__
-from .config import load_config, option_table
-from .errors import SteadytrainError
+from .config import DISABLE_ENV, load_config, option_table
+from .errors import ConfigError, SteadytrainError, suggest
+from .hook_table import implemented_hooks
 from .experiments.commands import add_commands
 from .pipeline import Pipeline
-from .registry import Registry, implemented_hooks
+from .registry import Registry
 
 
 def _toml_value(value: Any) -> str:
@@ -47,15 +56,23 @@ def _disabled(args: argparse.Namespace) -> list[str]:
     names = []
     for flag in args.plugin_flags:
         if not flag.startswith("no:"):
-            raise SteadytrainError(f"-p {flag}: only -p no:NAME is understood")
+            raise ConfigError(f"-p {flag}: only -p no:NAME is understood")
         names.append(flag[3:])
     return names
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    disabled = set(_disabled(args))
+    registry = _registry(args)
+    env = [n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()]
+    disabled = set(_disabled(args)) | set(env)
+    for name in sorted(disabled):
+        if name not in registry:
+            raise ConfigError(
+                f"-p no:{name} / {DISABLE_ENV}: {name!r} is not a plugin"
+                f"{suggest(name, registry.names())}"
+            )
     rows = []
-    for entry in _registry(args).entries():
+    for entry in registry.entries():
         if entry.name in disabled:
             continue
         row = {
@@ -108,14 +125,46 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_model(spec: str) -> torch.nn.Module:
+    """Call ``module:callable`` with no arguments and return the model it builds."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"--model {spec!r}: expected module:callable, e.g. mypkg.models:small")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"--model {spec!r}: cannot import it: {exc}") from None
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"--model {spec!r}: returned a {type(model).__name__}, not a "
+                          "torch.nn.Module")
+    return model
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     registry = _registry(args)
     config = load_config(args.file, registry=registry)
     pipeline = Pipeline.from_config(config, registry=registry, disable=_disabled(args))
-    print(f"{args.file}: OK, {len(pipeline.plugins)} enabled plugin instance(s)")
+    if args.model:
+        model = build_model(args.model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        with pipeline:
+            pipeline.setup(model, optimizer, total_steps=1)
+        print(f"{args.file}: OK with {args.model}, {len(pipeline.plugins)} enabled plugin "
+              "instance(s); every include/exclude pattern resolved against the model")
+    else:
+        print(f"{args.file}: OK, {len(pipeline.plugins)} enabled plugin instance(s)")
     for key, plugin in pipeline.plugins.items():
         print(f"  {key}: {getattr(plugin, 'name', type(plugin).__name__)}")
+    if not args.model:
+        print("Filters were not resolved: that needs the model's names. Pass "
+              "--model module:callable to build the model and resolve them.")
     return 0
+
+
+def _log_to_stderr() -> None:
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+                        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     config.set_defaults(func=cmd_config)
     check = sub.add_parser("check", help="validate a config file without training")
     check.add_argument("file")
+    check.add_argument("--model", metavar="module:callable",
+                       help="build the model with this callable and resolve the filters")
     check.set_defaults(func=cmd_check)
     add_commands(sub)
     return parser
@@ -143,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _log_to_stderr()
     try:
         return args.func(args)
     except SteadytrainError as exc:

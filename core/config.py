@@ -22,11 +22,12 @@ reported at once.
 from __future__ import annotations
 
 import json
+import os
 import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +42,14 @@ from cattrs.errors import (
 
 from .errors import ConfigError, OptionError, RegistryError, suggest
 from .filters import ON_UNMATCHED
+from .loss import FINITE_CHECKS
 from .plugin import Plugin
 from .registry import Registry
 from .schedules import SCHEDULES, Constant, Schedule
-from .validators import one_of
+from .validators import non_negative, one_of, optional, positive
 
-FINITE_CHECKS = ("auto", "step", "log")
+#: Comma-separated plugin names or instance ids to leave out, like ``-p no:NAME``.
+DISABLE_ENV = "STEADYTRAIN_DISABLE"
 
 
 @attrs.frozen
@@ -61,9 +64,18 @@ class InstanceConfig:
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     on_unmatched: str = attrs.field(default="error", validator=one_of(*ON_UNMATCHED))
+    #: The plugin class and its distribution's version, found when the entry was loaded.
+    factory: type[Plugin] | None = attrs.field(default=None, eq=False, repr=False)
+    version: str | None = attrs.field(default=None, eq=False, repr=False)
 
-    def build(self, factory: type[Plugin]) -> Plugin:
+    def build(self) -> Plugin:
         """Make the plugin instance this entry describes."""
+        factory = self.factory
+        if factory is None:
+            raise ConfigError(
+                f"{self.id}: this InstanceConfig does not know its plugin class; load the "
+                "config with steadytrain.load_config or structure_config"
+            )
         return factory(
             self.options,
             id=self.id,
@@ -75,20 +87,37 @@ class InstanceConfig:
 
 
 @attrs.frozen
+class GroupSpec:
+    """One group: which parameters, and how its lr and weight decay differ from the base."""
+
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    lr_scale: float = attrs.field(default=1.0, validator=positive)
+    weight_decay: float | None = attrs.field(
+        default=None, validator=optional(non_negative)
+    )
+    name: str | None = None
+
+
+@attrs.frozen
 class RunConfig:
     """A whole config: the plugin instances and the switches that apply to all of them."""
 
     plugins: tuple[InstanceConfig, ...] = ()
+    #: Optimizer parameter groups for :func:`steadytrain.param_groups.param_groups`.
+    param_groups: tuple[GroupSpec, ...] = ()
     disable: tuple[str, ...] = ()
     autoload: bool = True
     finite_check: str = attrs.field(default="auto", validator=one_of(*FINITE_CHECKS))
+    #: The registry the plugin names were resolved against (discovered once per load).
+    registry: Registry | None = attrs.field(default=None, eq=False, repr=False)
 
 
 def _settings(cls: type) -> dict[str, Any]:
     """The fields of *cls* that a config table sets directly, with their resolved types."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in attrs.fields(cls)
-            if f.name not in ("plugin", "options", "plugins")}
+            if f.name not in ("plugin", "options", "plugins", "factory", "version", "registry")}
 
 
 def _structure_settings(raw: Mapping[str, Any], cls: type, path: str) -> tuple[dict, list[str]]:
@@ -121,7 +150,8 @@ def _expect(kind: str, ok: bool, value: Any) -> None:
 
 def _structure_str_tuple(value: Any, _type: Any) -> tuple[str, ...]:
     if isinstance(value, str):
-        return (value,)
+        raise TypeError(f"expected a list of strings, got the string {value!r}; write "
+                        f"[{json.dumps(value)}]")
     _expect("a list of strings", isinstance(value, (list, tuple))
             and all(isinstance(v, str) for v in value), value)
     return tuple(value)
@@ -239,13 +269,20 @@ def _structure_instance(raw: Any, path: str, registry: Registry) -> InstanceConf
         raise ConfigError(f"{path}.plugin: expected a plugin name, got {name!r}")
     options = {k: v for k, v in raw.items() if k not in INSTANCE_KEYS}
     settings, errors = _structure_settings(raw, InstanceConfig, f"{path}.")
+    weight = settings.get("weight")
+    if weight is not None and weight.lowest < 0 and not factory.allows_negative_weight:
+        errors.append(
+            f"{path}.weight: must be >= 0, got a weight that reaches {weight.lowest}; a "
+            f"negative weight rewards what {name} penalizes"
+        )
     try:
         settings["options"] = structure_options(options, factory.Config, path)
     except ConfigError as exc:
         errors += str(exc).splitlines()
     if errors:
         raise ConfigError("\n".join(errors))
-    return InstanceConfig(plugin=name, **settings)
+    return InstanceConfig(plugin=name, factory=factory, version=registry.entry(name).version,
+                          **settings)
 
 
 def structure_config(raw: Mapping[str, Any], *, registry: Registry | None = None) -> RunConfig:
@@ -283,7 +320,7 @@ def structure_config(raw: Mapping[str, Any], *, registry: Registry | None = None
         instances.append(instance)
     if errors:
         raise ConfigError("\n".join(errors))
-    return RunConfig(plugins=tuple(instances), **settings)
+    return RunConfig(plugins=tuple(instances), registry=registry, **settings)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -293,6 +330,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file (byte {exc.object[exc.start]:#04x} at offset "
+            f"{exc.start}); save the config as UTF-8"
+        ) from None
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":
@@ -306,7 +348,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
                 raise ConfigError(
                     f"{path}: reading YAML needs PyYAML: pip install 'steadytrain[yaml]'"
                 ) from None
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_unique_key_loader(yaml))
             return {} if data is None else data
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{path}: not valid {suffix[1:].upper()}: {exc}") from None
@@ -315,6 +357,45 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         raise
     raise ConfigError(f"{path}: unknown config format {suffix!r}; use .toml, .yaml or .json")
+
+
+def _unique_key_loader(yaml: Any) -> type:
+    """A safe YAML loader that refuses a key given twice in one mapping (the last would win)."""
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found the key {key!r} twice (first {seen[key]}); remove one",
+                        key_node.start_mark,
+                    )
+                seen[key] = key_node.start_mark
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def disabled_names(
+    config: RunConfig, registry: Registry, extra: Iterable[str] = ()
+) -> set[str]:
+    """Names and ids to leave out: the config's ``disable``, *extra* (``-p no:NAME``) and the
+    environment variable ``STEADYTRAIN_DISABLE``; an unknown name is an error."""
+    env = [n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()]
+    known = {inst.plugin for inst in config.plugins} | {inst.id for inst in config.plugins}
+    known |= set(registry.names())
+    sources = [("disable", (*config.disable, *extra)), (DISABLE_ENV, env)]
+    for where, names in sources:
+        for name in names:
+            if name not in known:
+                raise ConfigError(
+                    f"{where}: {name!r} is neither a plugin nor an instance id"
+                    f"{suggest(name, known)}; `steadytrain plugins` lists the plugins"
+                )
+    return {name for _, names in sources for name in names}
 
 
 def load_config(
@@ -351,6 +432,7 @@ def unstructure_config(config: RunConfig) -> dict[str, Any]:
         entries.append(entry)
     return {
         "plugins": entries,
+        "param_groups": [converter.unstructure(group) for group in config.param_groups],
         "disable": list(config.disable),
         "autoload": config.autoload,
         "finite_check": config.finite_check,

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import torch
 
+from .errors import ConfigError, UsageError
 from .filters import VariableFilter
 from .metrics import MetricStore
 
@@ -102,14 +103,16 @@ class Run:
     def tap(self, plugin: Plugin, patterns: str | Sequence[str]) -> tuple[str, ...]:
         """Capture the outputs of the model's modules whose names match *patterns*.
 
-        Returns the matched module names; during a step, ``ctx.taps[name]`` holds the
-        output of module ``name`` from the current micro-batch's forward pass (still part
-        of the graph), or a list of its outputs when the module ran several times. Outside
-        a training step nothing is captured. A pattern that matches no module is an error
-        naming the plugin.
+        Returns the matched module names; during a step, ``ctx.taps[name]`` is the list of
+        the outputs of module ``name`` in the current micro-batch's forward pass, one per
+        call, in call order (still part of the graph). Outside a training step nothing is
+        captured. A pattern that matches no module is an error naming the plugin.
         """
         if self.model is None:
-            raise ValueError(f"plugin instance {plugin.id!r} asks for taps but no model is bound")
+            raise ConfigError(
+                f"{plugin.id}.taps: the instance taps modules but no model is bound; pass it "
+                "to pipe.setup(model, optimizer)"
+            )
         patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
         modules = dict(self.model.named_modules())
         names = VariableFilter(include=patterns, owner=f"{plugin.id}.taps").select(
@@ -126,19 +129,13 @@ class Run:
     def _capture(self, name: str) -> Callable[..., None]:
         def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
             # Only inside a training step: evaluation must not pile up outputs.
-            if _active_step.get() is None:
-                return
-            if name in self.taps:
-                previous = self.taps[name]
-                self.taps[name] = [*previous, output] if isinstance(previous, list) else [
-                    previous, output]
-            else:
-                self.taps[name] = output
+            if _active_step.get() is not None:
+                self.taps.setdefault(name, []).append(output)
 
         return hook
 
     def log(self, plugin: Plugin, name: str, value: torch.Tensor | float) -> None:
-        """Record a metric ``<instance>/<name>`` from a lifecycle hook; stays on the device."""
+        """Record a metric ``<id>/<name>`` from a lifecycle hook; stays on the device."""
         self.metrics.record(f"{plugin.id}/{name}", value, step=self.step)
 
     def remove_taps(self) -> None:
@@ -157,6 +154,14 @@ class SkipRequest:
     when: bool | torch.Tensor = True
 
 
+def _collective_device(group: Any) -> torch.device:
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 @attrs.define(eq=False)
 class StepOutcome:
     """What the host needs after the backward: whether to step the optimizer.
@@ -169,6 +174,20 @@ class StepOutcome:
     _skip: bool | None = None
     _flag: torch.Tensor | bool | None = None
 
+    def agree(self, group: Any = None) -> None:
+        """Make the decision the same on every rank of *group*: skip if any rank skips.
+
+        One all-reduce of a one-element tensor, which stays on the device (no host sync
+        under NCCL). Every rank must call it, in every step.
+        """
+        import torch.distributed as dist
+
+        flag = self.flag
+        device = flag.device if isinstance(flag, torch.Tensor) else _collective_device(group)
+        shared = torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(1).clone()
+        dist.all_reduce(shared, op=dist.ReduceOp.MAX, group=group)
+        self._flag, self._skip = shared[0] > 0, None
+
     @property
     def skip(self) -> bool:
         if self._skip is None:
@@ -177,8 +196,8 @@ class StepOutcome:
 
     @property
     def decided(self) -> bool:
-        """Whether :attr:`skip` was read already (so reading it again costs nothing)."""
-        return self._skip is not None or not self.requests
+        """Whether the decision is known on the host (so reading :attr:`skip` costs nothing)."""
+        return self._skip is not None or not isinstance(self.flag, torch.Tensor)
 
     @property
     def reasons(self) -> list[str]:
@@ -205,8 +224,8 @@ class StepContext:
 
     The same object serves every micro-batch of the step: ``micro_batch``, ``batch``,
     ``targets``, ``task_loss``, ``outputs`` and ``taps`` are replaced for each one.
-    ``instance`` is the key of the plugin instance whose hook is running; :meth:`log`
-    uses it to name metrics.
+    ``id`` is the id of the plugin instance whose hook is running; :meth:`log` uses it
+    to name metrics. ``step_loss`` is the step's task loss, recorded once by the core.
     """
 
     run: Run
@@ -226,6 +245,17 @@ class StepContext:
     id: str = ""
     staged: list[tuple[str, torch.Tensor | float]] = attrs.Factory(list)
     weights: Mapping[str, float] = attrs.Factory(dict)
+    loss_sum: torch.Tensor | None = None
+    losses: int = 0
+
+    @property
+    def step_loss(self) -> torch.Tensor | None:
+        """The step's task loss: the mean of its micro-batches' task losses, detached.
+
+        Complete from ``after_backward`` on (during ``compute_regularizers`` it covers the
+        micro-batches so far); ``None`` when the host passed no task loss.
+        """
+        return None if self.loss_sum is None else self.loss_sum / self.losses
 
     @property
     def weight(self) -> float:
@@ -259,7 +289,8 @@ class StepContext:
         return self.run.optimizers
 
     @property
-    def taps(self) -> Mapping[str, Any]:
+    def taps(self) -> Mapping[str, list[Any]]:
+        """Outputs of the tapped modules in this micro-batch: name → one output per call."""
         return self.run.taps
 
     @property
@@ -267,22 +298,48 @@ class StepContext:
         return self.micro_batch == self.num_micro_batches - 1
 
     def output(self, name: str, *, option: str) -> Any:
-        """``outputs[name]``, or an error naming the running instance's *option* and the
-        outputs this step has."""
+        """``outputs[name]``, or a :class:`~steadytrain.ConfigError` naming the running
+        instance's *option* and the outputs this step has."""
         try:
             return self.outputs[name]
         except KeyError:
             present = ", ".join(sorted(self.outputs)) or "(none)"
-            raise ValueError(
+            raise ConfigError(
                 f"{self.id}.{option}: no output {name!r} in this step; the outputs "
                 f"are: {present}. Report it from the model with steadytrain.report({name!r}, "
                 f"tensor), pass it to compute_loss(outputs=...), or set {option}."
             ) from None
 
+    def reports(self, name: str, *, option: str) -> list[Any]:
+        """Every value reported (or passed) under *name* in this micro-batch, in call order.
+
+        A module that reports once per time step (a gate inside a loop) gives one value per
+        call; a value passed as a list counts as that many reports.
+        """
+        value = self.output(name, option=option)
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if not values:
+            raise ConfigError(f"{self.id}.{option}: outputs[{name!r}] is an empty list")
+        return values
+
+    def tapped(self, module: str, *, option: str = "taps") -> list[Any]:
+        """The outputs of tapped *module* in this micro-batch, one per call, in call order.
+
+        Ask for the tap in ``setup`` with ``run.tap(self, patterns)``. A module that did
+        not run in this forward pass is an error naming the running instance's *option*.
+        """
+        calls = self.run.taps.get(module)
+        if not calls:
+            raise ConfigError(
+                f"{self.id}.{option}: module {module!r} did not run in this forward pass, so "
+                "its output cannot be read; tap a module that runs in every training step"
+            )
+        return calls
+
     def log(self, name: str, value: torch.Tensor | float) -> None:
-        """Record a scalar metric as ``<instance>/<name>``; stays on the device."""
+        """Record a scalar metric as ``<id>/<name>``; stays on the device."""
         if isinstance(value, torch.Tensor) and value.numel() != 1:
-            raise ValueError(
+            raise UsageError(
                 f"{self.id}: metric {name!r} must be a scalar, got a tensor of shape "
                 f"{tuple(value.shape)}"
             )

@@ -61,6 +61,8 @@ class VariableFilter:
 
     ``owner`` names the instance in error messages; ``on_unmatched`` says what a pattern
     that matches nothing does: ``"error"`` (the default), ``"warn"`` or ``"ignore"``.
+    Patterns that together select nothing are an error unless ``allow_empty`` (the
+    plugin's ``allows_empty_selection``): an instance acting on nothing is switched off.
     """
 
     include: tuple[str, ...] = ("*",)
@@ -69,6 +71,7 @@ class VariableFilter:
     on_unmatched: str = attrs.field(
         default="error", validator=attrs.validators.in_(ON_UNMATCHED)
     )
+    allow_empty: bool = False
 
     matches = staticmethod(matches)
 
@@ -84,12 +87,21 @@ class VariableFilter:
             for pattern in patterns:
                 if not any(matches(pattern, n) for n in names):
                     self._unmatched(option, pattern, names, kind)
-        return tuple(
+        selected = tuple(
             n
             for n in names
             if any(matches(p, n) for p in self.include)
             and not any(matches(p, n) for p in self.exclude)
         )
+        if not selected and not self.allow_empty:
+            shown = ", ".join(names[:8]) + (", …" if len(names) > 8 else "")
+            raise FilterError(
+                f"{self.owner}: include {list(self.include)} and exclude "
+                f"{list(self.exclude)} select none of the {kind}s ({shown or 'there are none'}), "
+                f"so the instance would act on nothing; widen include or narrow exclude, or "
+                "remove the instance"
+            )
+        return selected
 
     def _unmatched(self, option: str, pattern: str, names: Sequence[str], kind: str) -> None:
         if self.on_unmatched == "ignore":

@@ -22,7 +22,11 @@ Rules that hold for every hook:
   declares ``needs_create_graph = True`` on its plugin class and the host asks the
   pipeline (:attr:`steadytrain.Pipeline.needs_create_graph`) before calling backward.
 * Arguments never have defaults in an implementation: pluggy does not pass arguments
-  that have defaults, so ``def before_step(self, ctx=None)`` would always see ``None``.
+  that have defaults, so ``def before_step(self, ctx=None)`` would always see ``None``;
+  such an implementation is refused when the plugin is registered, and so is a method
+  named like a hook but not marked with ``@hookimpl`` (it would never run).
+* ``ctx.id`` (and ``plugin.id``) is the id of the plugin instance whose hook runs: the
+  name metrics, errors and checkpoints use.
 * Hooks run in the order of the config's plugin list. ``@hookimpl(tryfirst=True)`` and
   ``@hookimpl(trylast=True)`` move an implementation to the front or the back; keep them
   for the few plugins that must run first or last (a non-finite guard, a metric of the
@@ -116,9 +120,11 @@ def before_step(ctx: StepContext) -> None:
 def compute_regularizers(ctx: StepContext) -> Mapping[str, torch.Tensor] | None:
     """Return the loss terms of this plugin instance for the current micro-batch.
 
-    Called after the forward pass and before the single backward. ``ctx.task_loss``,
-    ``ctx.outputs`` (the named tensors the host passed) and ``ctx.taps`` (outputs of the
-    modules this plugin tapped) are set.
+    Called after the forward pass and before the single backward, once per micro-batch.
+    ``ctx.task_loss``, ``ctx.outputs`` (the named tensors the host passed and modules
+    reported; ``ctx.reports(name, option=...)`` lists every report of a name in call
+    order) and ``ctx.tapped(module)`` (the outputs of a tapped module, one per call) are
+    set.
 
     Return a mapping of term name to a scalar tensor that is part of the forward graph,
     or ``None`` for no term this time. Return raw terms: the core multiplies each by the
@@ -128,8 +134,9 @@ def compute_regularizers(ctx: StepContext) -> Mapping[str, torch.Tensor] | None:
     weighted terms are recorded as metrics ``reg/<instance>/<term>`` and
     ``reg_weighted/<instance>/<term>``.
 
-    A term that is not a tensor, has more than one element, or is not finite while the
-    task loss is finite is an error naming the instance and the term. (When the task
+    A term that is not a tensor, has more than one element, does not require grad while
+    the task loss does (a constant), or is not finite while the task loss is finite is a
+    :class:`~steadytrain.TermError` naming the instance and the term. (When the task
     loss itself is not finite the batch or the model broke, and the step is left to a
     guard plugin or to the host.)
     """
@@ -140,18 +147,22 @@ def after_backward(ctx: StepContext) -> None:
     """Gradients of the whole optimizer step are ready; the optimizer has not stepped.
 
     Called once per optimizer step, after the backward of the last micro-batch. Clip or
-    inspect gradients here. To ask the host not to step the optimizer this time, call
-    ``ctx.request_skip(reason, when=...)``; ``when`` may be a device tensor so that the
-    decision costs no host sync until the host reads it.
+    inspect gradients here. ``ctx.step_loss`` is the step's task loss (the mean over its
+    micro-batches, detached), recorded once by the core for every plugin. To ask the host
+    not to step the optimizer this time, call ``ctx.request_skip(reason, when=...)``;
+    ``when`` may be a device tensor so that the decision costs no host sync until the host
+    reads it.
     """
 
 
 @hookspec
 def consolidate(ctx: StepContext) -> None:
-    """The optimizer stepped (or the step was skipped: ``ctx.skipped`` says which).
+    """The optimizer stepped (or the step was skipped: ``ctx.skip_flag`` says which).
 
     Update averages of the weights, move memories, decay buffers. A plugin that averages
-    weights must not update on a skipped step.
+    weights must not update on a skipped step. ``ctx.skip_flag`` is the decision as a bool
+    or a device tensor (use it in ``torch.where`` to stay on the device); ``ctx.skipped``
+    is the same as a Python bool and syncs the host once when the decision is a tensor.
     """
 
 

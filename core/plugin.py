@@ -11,7 +11,8 @@ import torch
 
 from .errors import CheckpointError, ConfigError
 from .filters import VariableFilter
-from .schedules import Constant, Schedule
+from .loss import instance_weight
+from .schedules import Schedule
 
 
 @attrs.frozen
@@ -41,6 +42,12 @@ class Plugin:
     needs_create_graph: ClassVar[bool] = False
     #: Whether ``weight`` may go below zero (turning a penalty into a reward).
     allows_negative_weight: ClassVar[bool] = False
+    #: Whether include/exclude select anything for this plugin; when not, an instance with
+    #: patterns other than the defaults is refused (they would do nothing).
+    uses_filter: ClassVar[bool] = True
+    #: Whether an instance whose patterns select nothing is fine (the technique then acts
+    #: on nothing); by default :meth:`VariableFilter.select` refuses an empty selection.
+    allows_empty_selection: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -61,15 +68,24 @@ class Plugin:
             )
         self.config = config
         self.id = id or self.name
-        self.weight: Schedule = Constant(weight) if isinstance(weight, (int, float)) else weight
-        if self.weight.lowest < 0 and not self.allows_negative_weight:
+        self.weight: Schedule = instance_weight(
+            self.id, weight, allows_negative=self.allows_negative_weight)
+        patterns = {"include": include, "exclude": exclude}
+        for option, value in patterns.items():
+            if isinstance(value, str) or not isinstance(value, Iterable):
+                raise ConfigError(
+                    f"{self.id}.{option}: expected a list of patterns, got {value!r}; write "
+                    f"{option}=[{value!r}]"
+                )
+        patterns = {k: tuple(v) for k, v in patterns.items()}
+        if not self.uses_filter and (patterns["include"] != ("*",) or patterns["exclude"]):
             raise ConfigError(
-                f"{self.id}.weight: must be >= 0, got a weight that reaches "
-                f"{self.weight.lowest}; a negative weight rewards what {self.name} penalizes"
+                f"{self.id}.include: {self.name} has no variables for include/exclude to "
+                "select, so the patterns would do nothing; remove them from this instance"
             )
         self.filter = VariableFilter(
-            include=tuple(include), exclude=tuple(exclude), owner=self.id,
-            on_unmatched=on_unmatched,
+            **patterns, owner=self.id, on_unmatched=on_unmatched,
+            allow_empty=self.allows_empty_selection,
         )
 
     @classmethod

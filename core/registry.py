@@ -16,12 +16,12 @@ import os
 from importlib import metadata
 
 import attrs
-import pluggy
 import structlog
+from packaging.version import InvalidVersion, Version
 
-from . import hookspecs
 from ._version import __version__
 from .errors import RegistryError, suggest
+from .hook_table import check_hooks
 from .plugin import Plugin
 
 GROUP = "steadytrain.plugins"
@@ -31,33 +31,9 @@ OWN_DISTRIBUTION = "steadytrain"
 log = structlog.get_logger("steadytrain")
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-    parts = []
-    for piece in version.split("."):
-        digits = "".join(c for c in piece if c.isdigit()) if not piece.isdigit() else piece
-        if not digits:
-            break
-        parts.append(int(digits))
-        if not piece.isdigit():
-            break
-    return tuple(parts)
-
-
-def hook_manager() -> pluggy.PluginManager:
-    """A fresh plugin manager that knows the hook specifications."""
-    manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
-    manager.add_hookspecs(hookspecs)
-    return manager
-
-
-def implemented_hooks(plugin: object) -> tuple[str, ...]:
-    """The hook names *plugin* (a class or an object) implements, in contract order."""
-    return tuple(
-        name
-        for name in hookspecs.HOOK_NAMES
-        if getattr(getattr(plugin, name, None), hookspecs.PROJECT_NAME + "_impl", None)
-        is not None
-    )
+#: Keys of a config entry that the core reads; a plugin option of the same name would be
+#: shadowed by them and never set.
+FRAMEWORK_KEYS = ("plugin", "id", "enabled", "weight", "include", "exclude", "on_unmatched")
 
 
 def validate_plugin_class(factory: object, name: str) -> type[Plugin]:
@@ -66,25 +42,33 @@ def validate_plugin_class(factory: object, name: str) -> type[Plugin]:
         raise RegistryError(
             f"must point to a steadytrain.Plugin subclass, got {factory!r}"
         )
+    if factory.name != name:
+        raise RegistryError(
+            f"the entry point is called {name!r} but {factory.__qualname__}.name is "
+            f"{factory.name!r}; configs use the entry point's name, so the two must be equal"
+        )
     if not attrs.has(factory.Config):
         raise RegistryError(f"{factory.__qualname__}.Config must be an attrs class")
-    if factory.requires_core and _version_tuple(factory.requires_core) > _version_tuple(
-        __version__
-    ):
+    if shadowed := [f.name for f in attrs.fields(factory.Config) if f.name in FRAMEWORK_KEYS]:
         raise RegistryError(
-            f"needs steadytrain >= {factory.requires_core}, this is {__version__}: "
-            "upgrade steadytrain"
+            f"{factory.__qualname__}.Config has option(s) {', '.join(shadowed)}, which are "
+            f"keys the core reads for every instance ({', '.join(FRAMEWORK_KEYS)}); such an "
+            "option could never be set: rename it"
         )
-    manager = hook_manager()
-    try:
-        manager.register(factory, name=name)
-        manager.check_pending()
-    except pluggy.PluginValidationError as exc:
-        raise RegistryError(f"invalid hook implementation: {exc}") from exc
-    for hook in implemented_hooks(factory):
-        opts = getattr(getattr(factory, hook), hookspecs.PROJECT_NAME + "_impl")
-        if opts.get("wrapper") or opts.get("hookwrapper"):
-            raise RegistryError(f"hook {hook}: hook wrappers are not supported")
+    if factory.requires_core:
+        try:
+            needed = Version(factory.requires_core)
+        except InvalidVersion:
+            raise RegistryError(
+                f"{factory.__qualname__}.requires_core = {factory.requires_core!r} is not a "
+                "version (write e.g. '0.2')"
+            ) from None
+        if needed > Version(__version__):
+            raise RegistryError(
+                f"needs steadytrain >= {factory.requires_core}, this is {__version__}: "
+                "upgrade steadytrain"
+            )
+    check_hooks(factory)
     return factory
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from steadytrain import Registry
 from steadytrain.config import option_table
-from steadytrain.registry import implemented_hooks
+from steadytrain.hook_table import implemented_hooks
 
 TARGET = Path(__file__).with_name("plugins.md")
 

@@ -49,7 +49,7 @@ import attrs
 import torch
 
 import steadytrain
-from steadytrain.plugins._sources import (
+from steadytrain.sources import (
     GateOptions,
     GateRegularizer,
     at_least_float32,

@@ -42,7 +42,7 @@ import attrs
 import torch
 
 import steadytrain
-from steadytrain.plugins._sources import GateOptions, GateRegularizer, at_least_float32
+from steadytrain.sources import GateOptions, GateRegularizer, at_least_float32
 
 
 def gate_smoothness(gates: torch.Tensor, time_dim: int = -2) -> torch.Tensor:

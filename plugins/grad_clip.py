@@ -5,9 +5,9 @@ What it does
     parameters no group claims form the group ``default``) and, after the backward of each
     optimizer step, scales the gradients of every group whose total norm exceeds its
     ``max_norm`` down to that norm, as ``torch.nn.utils.clip_grad_norm_`` would do for the
-    group alone. All norms come from one fused ``torch._foreach_norm`` per norm type and
-    each group is scaled by one ``torch._foreach_mul_`` with a clamped coefficient tensor:
-    the host never waits for the device. Three modes:
+    group alone. Each group's norm is torch's ``get_total_norm`` and its gradients are
+    scaled by torch's ``clip_grads_with_norm_`` (one fused call each), with the norm kept
+    as a device tensor: the host never waits for the device. Three modes:
 
     ``norm``
         The threshold is ``max_norm``.
@@ -79,12 +79,6 @@ MODES = ("norm", "adaptive", "agc")
 DEFAULT_GROUP = "default"
 
 
-def _total(norms: torch.Tensor, norm_type: float) -> torch.Tensor:
-    if math.isinf(norm_type):
-        return norms.max()
-    return torch.linalg.vector_norm(norms, norm_type)
-
-
 def grad_group_norms(
     grad_groups: Sequence[Sequence[torch.Tensor]],
     norm_types: float | Sequence[float] = 2.0,
@@ -93,8 +87,9 @@ def grad_group_norms(
 ) -> torch.Tensor:
     """The total norm of each group of gradients, as one tensor of shape ``(groups,)``.
 
-    One ``torch._foreach_norm`` per distinct norm type covers every group; an empty group
-    has norm 0. *device* is where the result lives when no group has a gradient.
+    Each group's norm is :func:`torch.nn.utils.get_total_norm` of its gradients (one
+    fused ``foreach`` norm); an empty group has norm 0. *device* is where the result lives
+    when no group has a gradient.
     """
     count = len(grad_groups)
     types = [float(norm_types)] * count if isinstance(norm_types, (int, float)) else [
@@ -102,38 +97,17 @@ def grad_group_norms(
     ]
     first = next((g[0] for g in grad_groups if g), None)
     device = first.device if first is not None else torch.device(device or "cpu")
-    totals: list[torch.Tensor | None] = [None] * count
-    for norm_type in dict.fromkeys(types):
-        members = [i for i in range(count) if types[i] == norm_type and grad_groups[i]]
-        flat = [g for i in members for g in grad_groups[i]]
-        if not flat:
-            continue
-        norms = torch.stack(torch._foreach_norm(flat, norm_type))
-        start = 0
-        for i in members:
-            stop = start + len(grad_groups[i])
-            totals[i] = _total(norms[start:stop], norm_type)
-            start = stop
-    if any(t is None for t in totals):
-        zero = torch.zeros((), device=device)
-        totals = [zero if t is None else t for t in totals]
-    return torch.stack([t.float() for t in totals])
+    zero = torch.zeros((), device=device)
+    return torch.stack([
+        torch.nn.utils.get_total_norm(list(grads), norm_type, foreach=True).float()
+        if grads else zero
+        for grads, norm_type in zip(grad_groups, types, strict=True)
+    ])
 
 
 def clip_coefficients(norms: torch.Tensor, max_norms: torch.Tensor | float) -> torch.Tensor:
     """``min(1, max_norm / (norm + 1e-6))``, the factor ``clip_grad_norm_`` scales by."""
     return (max_norms / (norms + 1e-6)).clamp(max=1.0)
-
-
-@torch.no_grad()
-def scale_grad_groups_(
-    grad_groups: Sequence[Sequence[torch.Tensor]],
-    coefficients: torch.Tensor | Sequence[torch.Tensor],
-) -> None:
-    """Multiply the gradients of group ``i`` by ``coefficients[i]``, one fused call a group."""
-    for index, grads in enumerate(grad_groups):
-        if grads:
-            torch._foreach_mul_(list(grads), coefficients[index].to(grads[0].dtype))
 
 
 def _grads(parameters: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -150,11 +124,11 @@ def clip_grad_groups_(
     Equivalent to ``torch.nn.utils.clip_grad_norm_(group, max_norm, norm_type)`` for each
     group in turn, with fused kernels and no host sync. Returns the pre-clip norms.
     """
-    grad_groups = [_grads(g) for g in groups]
-    norms = grad_group_norms(grad_groups, norm_types)
+    groups = [list(g) for g in groups]
+    norms = grad_group_norms([_grads(g) for g in groups], norm_types)
     # Python-number thresholds: a tensor of them would be a host-to-device copy per call.
-    coefficients = [clip_coefficients(norms[i], limit) for i, limit in enumerate(max_norms)]
-    scale_grad_groups_(grad_groups, coefficients)
+    for index, (params, limit) in enumerate(zip(groups, max_norms, strict=True)):
+        torch.nn.utils.clip_grads_with_norm_(params, limit, norms[index], foreach=True)
     return norms
 
 
@@ -291,9 +265,10 @@ class GradClip(steadytrain.Plugin):
             limits = self._max_norms
             if self.config.mode == "adaptive":
                 limits = self._adaptive_limits(norms)
-            coefficients = clip_coefficients(norms, limits)
-            scale_grad_groups_(grads, coefficients)
-            after = norms * coefficients
+            for index, params in enumerate(self.params):
+                torch.nn.utils.clip_grads_with_norm_(params, limits[index], norms[index],
+                                                     foreach=True)
+            after = norms * clip_coefficients(norms, limits)
         for index, group in enumerate(self.groups):
             ctx.log(f"{group.name}/pre_norm", norms[index])
             ctx.log(f"{group.name}/post_norm", after[index])

@@ -38,7 +38,7 @@ import attrs
 import torch
 
 import steadytrain
-from steadytrain.plugins._sources import (
+from steadytrain.sources import (
     SourceOptions,
     TensorRegularizer,
     at_least_float32,

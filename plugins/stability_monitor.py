@@ -73,6 +73,7 @@ import structlog
 import torch
 
 import steadytrain
+from steadytrain.nn import consolidating_modules
 from steadytrain.validators import non_negative, norm_order, optional, positive_int
 
 log = structlog.get_logger("steadytrain")
@@ -204,7 +205,7 @@ class StabilityMonitor(steadytrain.Plugin):
         self.oscillations: list[float] = []
         self.grad_norms: list[float] = []
         self.has_memory = run.model is not None and bool(
-            steadytrain.nn.consolidating_modules(run.model))
+            consolidating_modules(run.model))
         self.seen: set[str] = set()
         self.absent_reported = False
         self._loss: torch.Tensor | None = None

@@ -39,15 +39,17 @@ import attrs
 import torch
 
 import steadytrain
-from steadytrain.plugins._sources import reject_filter
 from steadytrain.validators import non_empty_str, positive
 
 
 def log_normalizer(logits: torch.Tensor, class_dim: int = -1) -> torch.Tensor:
-    """``log Z = logsumexp(logits)`` over *class_dim*, in at least float32."""
+    """``log Z = logsumexp(logits)`` over *class_dim*, in at least float32.
+
+    A *class_dim* out of range raises :class:`steadytrain.OptionError` naming it.
+    """
     if logits.dim() < 1 or not -logits.dim() <= class_dim < logits.dim():
-        raise ValueError(
-            f"class_dim {class_dim} is out of range for logits of shape {tuple(logits.shape)}"
+        raise steadytrain.OptionError(
+            "class_dim", f"{class_dim} is out of range for logits of shape {tuple(logits.shape)}"
         )
     wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return torch.logsumexp(wide, dim=class_dim)
@@ -62,6 +64,8 @@ class ZLoss(steadytrain.Plugin):
     """The auxiliary loss coefficient · log² Z on the output logits (PaLM's z-loss)."""
 
     name = "z_loss"
+    #: It acts on the logits as a whole: there is nothing to select.
+    uses_filter = False
 
     @attrs.frozen
     class Config:
@@ -70,21 +74,17 @@ class ZLoss(steadytrain.Plugin):
         class_dim: int = -1
 
     @steadytrain.hookimpl
-    def setup(self, run: steadytrain.Run) -> None:
-        reject_filter(self, "the z-loss acts on the logits as a whole")
-
-    @steadytrain.hookimpl
     def compute_regularizers(self, ctx: steadytrain.StepContext) -> dict[str, torch.Tensor]:
         key = self.config.logits_key
         logits = ctx.output(key, option="logits_key")
         if not isinstance(logits, torch.Tensor):
-            raise ValueError(
+            raise steadytrain.ConfigError(
                 f"{self.id}.logits_key: outputs[{key!r}] is a {type(logits).__name__}, "
                 "not a tensor"
             )
         try:
             log_z = log_normalizer(logits, self.config.class_dim)
-        except ValueError as exc:
-            raise ValueError(f"{self.id}.class_dim: {exc}") from None
+        except steadytrain.OptionError as exc:
+            raise steadytrain.ConfigError(f"{self.id}.{exc.option}: {exc.message}") from None
         ctx.log("log_z", log_z.detach().mean())
         return {"z": self.config.coefficient * log_z.square().mean()}

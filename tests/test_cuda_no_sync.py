@@ -1,18 +1,24 @@
-"""On CUDA, a training step with every built-in plugin enabled never syncs the host.
+"""On CUDA, the documented loop and a step with every built-in plugin never sync the host.
 
-The model uses the ``steadytrain.nn`` building blocks (which report gates and masks) and
-records a corrector's changes; the host steps with ``guarded_step`` and reads metrics only
-at the end. Plugins that sync on purpose do it on their first step or every N steps
-(documented), so the check runs on steps in between. Skipped without CUDA.
+The README's loop runs verbatim; the other test's model uses the ``steadytrain.nn``
+building blocks (which report gates and masks) and records a corrector's changes. Both
+step with ``steadytrain.step_optimizer`` and read metrics only at the end. Plugins that
+sync on purpose do it on their first step (documented), so the check starts after it.
+Skipped without CUDA.
 """
+
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
+import steadytrain
 from steadytrain import Pipeline, Registry
 from steadytrain.nn import DualMemory, MemoryGate, SoftTopK
-from steadytrain.plugins.corrector_penalty import apply_corrector
-from steadytrain.plugins.guard import guarded_step
+from steadytrain.plugins.corrector.corrector_penalty import apply_corrector
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -24,6 +30,7 @@ CONFIG = {
         {"plugin": "gate_entropy", "weight": 0.05, "target": 1.0},
         {"plugin": "sparsity_target", "weight": 0.1},
         {"plugin": "corrector_penalty", "std": {"ice": 0.3}},
+        {"plugin": "pre_corrector_optimization"},
         {"plugin": "grad_clip", "groups": [{"name": "memory", "include": ["gate.*"],
                                             "max_norm": 0.5}]},
         {"plugin": "grad_norm"},
@@ -50,8 +57,8 @@ class Toy(torch.nn.Module):
         mixed, _ = self.gate(h, stm, ltm)
         sparse, _ = self.sparse(mixed)
         self.memory.store(h.detach()[0, :4], sparse.detach()[0, :4])
-        apply_corrector(lambda f: {"ice": f["ice"].clamp(0, 1)},
-                        {"ice": 10 * self.field(sparse).squeeze(-1) - 2})
+        self.fields = apply_corrector(lambda f: {"ice": f["ice"].clamp(0, 1)},
+                                      {"ice": 10 * self.field(sparse).squeeze(-1) - 2})
         return self.head(sparse)
 
 
@@ -69,12 +76,11 @@ def test_every_plugin_together_causes_no_host_sync_per_step():
     def step() -> None:
         pipe.before_step(batch=x, targets=y)
         logits = model(x)
-        loss = pipe.compute_loss(
-            torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()),
-            outputs={"logits": logits},
-        )
+        fields = pipe.plugins["pre_corrector_optimization"].for_loss(model.fields)
+        task = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss = pipe.compute_loss(task + fields["ice"].square().mean(), outputs={"logits": logits})
         loss.backward()
-        guarded_step(optimizer, pipe.after_backward())
+        steadytrain.step_optimizer(optimizer, pipe.after_backward())
         pipe.consolidate()
         optimizer.zero_grad()
 
@@ -90,3 +96,34 @@ def test_every_plugin_together_causes_no_host_sync_per_step():
     metrics = pipe.metrics()
     assert metrics["loss/task"] > 0 and metrics["guard/skipped"] == 0
     assert pipe.run.step == 6
+
+
+def readme_loop() -> str:
+    text = (ROOT / "README.md").read_text()
+    return re.search(r"## A training loop with a pipeline\n\n```python\n(.*?)```", text,
+                     re.S).group(1)
+
+
+def test_the_readme_loop_causes_no_host_sync_after_its_first_step(monkeypatch):
+    """The README's block, verbatim: from the second step on, no call may sync the host."""
+    closed = []
+    consolidate, metrics = Pipeline.consolidate, Pipeline.metrics
+
+    def consolidate_then_watch(self):
+        consolidate(self)
+        closed.append(self.run.step)
+        if self.run.step == 1:  # first-step checks are documented to sync once
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+
+    def metrics_unwatched(self, **kwargs):
+        torch.cuda.set_sync_debug_mode("default")  # reading numbers is the one sync
+        return metrics(self, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "consolidate", consolidate_then_watch)
+    monkeypatch.setattr(Pipeline, "metrics", metrics_unwatched)
+    try:
+        exec(compile(readme_loop(), "README.md", "exec"), {})
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert closed == list(range(1, 11))

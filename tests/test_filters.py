@@ -48,10 +48,20 @@ def test_unmatched_can_warn_or_be_ignored():
     f = VariableFilter(include=("nothing*", "thetao_#"), owner="p", on_unmatched="warn")
     with pytest.warns(UserWarning, match="p.include: pattern 'nothing\\*'"):
         assert f.select(NAMES) == ("thetao_0", "thetao_12")
-    quiet = VariableFilter(include=("nothing*",), on_unmatched="ignore")
+    quiet = VariableFilter(include=("nothing*", "thetao_#"), on_unmatched="ignore")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert quiet.select(NAMES) == ()
+        assert quiet.select(NAMES) == ("thetao_0", "thetao_12")
+
+
+def test_a_selection_of_nothing_is_an_error_unless_allowed():
+    for include, exclude in ((("*",), ("*",)), ((), ())):
+        with pytest.raises(FilterError, match=r"p: include .* select none of the variables"):
+            VariableFilter(include=include, exclude=exclude, owner="p").select(NAMES)
+    empty = VariableFilter(include=("*",), exclude=("*",), allow_empty=True)
+    assert empty.select(NAMES) == ()
+    with pytest.raises(FilterError, match=r"pattern 'nothing\*' matches no variable"):
+        VariableFilter(include=("nothing*",), on_unmatched="error").select(NAMES)
 
 
 def test_on_unmatched_is_validated():

@@ -66,11 +66,15 @@ def _imports(path: Path) -> list[str]:
     return modules
 
 
+#: The core's subpackages: public, and built on the framework modules, never under them.
+SUBPACKAGES = sorted(p.parent.name for p in (ROOT / "core").glob("*/__init__.py"))
+
+
 def test_plugins_use_only_the_public_api():
-    public = {f"steadytrain.{name}" for name in steadytrain.__all__} | {"steadytrain"}
+    public = {f"steadytrain.{name}" for name in [*steadytrain.__all__, *SUBPACKAGES]}
     for path in (ROOT / "plugins").rglob("*.py"):
         for name in _imports(path):
-            if not name.startswith("steadytrain") or name.startswith("steadytrain.plugins"):
+            if not name.startswith("steadytrain.") or name == "steadytrain.plugins":
                 continue
             head = ".".join(name.split(".")[:2])
             assert head in public, f"{path.relative_to(ROOT)} imports {name}, not public API"
@@ -79,3 +83,21 @@ def test_plugins_use_only_the_public_api():
 def test_core_never_imports_plugins():
     for path in (ROOT / "core").rglob("*.py"):
         assert not any(n.startswith("steadytrain.plugins") for n in _imports(path)), path
+
+
+def test_framework_modules_never_import_the_subpackages():
+    # cli.py and __main__.py are the command-line application, above everything else.
+    framework = [p for p in (ROOT / "core").glob("*.py")
+                 if p.name not in ("cli.py", "__main__.py")]
+    for path in framework:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = (node.module or "") if node.level else (node.module or "").removeprefix(
+                    "steadytrain.")
+                names = [module] if module else [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name.removeprefix("steadytrain.") for a in node.names]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] not in SUBPACKAGES, f"{path.name} imports {name}"

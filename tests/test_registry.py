@@ -138,12 +138,15 @@ def test_in_process_registration():
     class Notebook(steadytrain.Plugin):
         name = "notebook"
 
+    class Impostor(steadytrain.Plugin):
+        name = "grad_norm"
+
     registry = Registry.discover(autoload=False)
     registry.register(Notebook)
     assert registry.get("notebook") is Notebook
     assert registry.entry("notebook").origin == "registered in-process"
     with pytest.raises(RegistryError, match="taken by entry point grad_norm"):
-        registry.register(Notebook, name="grad_norm")
+        registry.register(Impostor)
     with pytest.raises(RegistryError, match=r"cannot register 'x'.*Plugin subclass"):
         registry.register(object, name="x")
     with pytest.raises(RegistryError, match=r"unknown plugin 'notebok' \(did you mean 'notebook'"):

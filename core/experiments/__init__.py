@@ -12,7 +12,6 @@ from .settings import (
     DataSettings,
     ExperimentConfig,
     ModelSettings,
-    ParamGroup,
     TrainSettings,
     load_experiment,
 )
@@ -22,7 +21,6 @@ __all__ = [
     "DataSettings",
     "ExperimentConfig",
     "ModelSettings",
-    "ParamGroup",
     "RunError",
     "TrainSettings",
     "compare",

@@ -34,7 +34,8 @@ import torch
 
 from .._version import __version__
 from ..errors import ConfigError, SteadytrainError, TrainingError
-from ..filters import VariableFilter
+from ..optimizer_step import step_optimizer
+from ..param_groups import param_groups
 from ..pipeline import Pipeline
 from . import measures
 from .checkpoint import FORMAT, load_checkpoint, save_atomic, write_json_atomic
@@ -59,37 +60,13 @@ class RunError(SteadytrainError):
 # -- the optimizer and its schedule ---------------------------------------------------------
 
 
-def param_groups(model: torch.nn.Module, train: TrainSettings) -> list[dict[str, Any]]:
-    """Optimizer groups from ``train.param_groups``; the parameters no group selects last."""
-    named = dict(model.named_parameters())
-    owner: dict[str, str] = {}
-    groups = []
-    for index, spec in enumerate(train.param_groups):
-        where = f"train.param_groups[{index}]"
-        name = spec.name or where
-        selected = VariableFilter(include=spec.include, exclude=spec.exclude, owner=where) \
-            .select(list(named), kind="parameter")
-        if not selected:
-            raise ConfigError(f"{where}: the patterns select no parameter")
-        for param in selected:
-            if param in owner:
-                raise ConfigError(f"{where}: parameter {param!r} is also in {owner[param]}; "
-                                  "a parameter belongs to one group")
-            owner[param] = name
-        decay = train.weight_decay if spec.weight_decay is None else spec.weight_decay
-        groups.append({"params": [named[p] for p in selected], "lr": train.lr * spec.lr_scale,
-                       "weight_decay": decay, "name": name})
-    rest = [p for n, p in named.items() if n not in owner]
-    if rest:
-        groups.append({"params": rest, "lr": train.lr, "weight_decay": train.weight_decay,
-                       "name": "default"})
-    return groups
-
-
-def build_optimizer(model: torch.nn.Module, train: TrainSettings,
+def build_optimizer(model: torch.nn.Module, config: ExperimentConfig,
                     extra: Sequence[torch.nn.Parameter] = ()) -> torch.optim.Optimizer:
-    """The optimizer of *train* over the model's groups and the pipeline's own parameters."""
-    groups = param_groups(model, train)
+    """The optimizer of *config* over the model's parameter groups (the pipeline config's
+    ``param_groups``) and the pipeline's own parameters."""
+    train = config.train
+    groups = param_groups(model, config.pipeline.param_groups, lr=train.lr,
+                          weight_decay=train.weight_decay)
     if extra:
         groups.append({"params": list(extra), "lr": train.lr,
                        "weight_decay": train.weight_decay, "name": "pipeline"})
@@ -260,7 +237,7 @@ def train(
     task = build_task(config, device)
     model = task.build_model().to(device)
     pipe = Pipeline.from_config(config.pipeline)
-    optimizer = build_optimizer(model, train_settings, list(pipe.parameters()))
+    optimizer = build_optimizer(model, config, list(pipe.parameters()))
     task.prepare(pipe)
     pipe.setup(model, optimizer, total_steps=train_settings.steps)
     try:
@@ -380,9 +357,7 @@ def _step(task: Task, model: torch.nn.Module, pipe: Pipeline, optimizer: torch.o
     grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else \
         torch.zeros((), device=device)
     outcome = pipe.after_backward()
-    skipped = outcome.skip
-    if not skipped:
-        optimizer.step()
+    step_optimizer(optimizer, outcome)
     pipe.consolidate()
     optimizer.zero_grad(set_to_none=True)
     logits = outputs.get("logits")
@@ -390,7 +365,7 @@ def _step(task: Task, model: torch.nn.Module, pipe: Pipeline, optimizer: torch.o
         loss=loss, grad_norm=grad_norm,
         logit_max=_largest(None if logits is None else logits.detach().abs().amax(), device),
         attention_logit_max=_largest(ctx.outputs.get("attention_logits_max"), device),
-        skipped=torch.tensor(float(skipped)),
+        skipped=torch.as_tensor(outcome.flag, device=device),
     )
 
 

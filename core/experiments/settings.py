@@ -1,7 +1,8 @@
 """Run configs: which model, which data, how to train, and the pipeline, in one file.
 
-A run config is a pipeline config (``[[plugins]]``, ``disable``, ``autoload``,
-``finite_check``: exactly what ``steadytrain check`` reads) with three more tables::
+A run config is a pipeline config (``[[plugins]]``, ``[[param_groups]]``, ``disable``,
+``autoload``, ``finite_check``: the core's :class:`~steadytrain.RunConfig`) with three
+more tables::
 
     [model]
     name = "gpt"               # a built-in model, or "package.module:callable"
@@ -65,19 +66,6 @@ def _betas(_inst: Any, attr: attrs.Attribute, value: tuple[float, float]) -> Non
 
 
 @attrs.frozen
-class ParamGroup:
-    """Parameters selected by name patterns, with their own lr scale and weight decay."""
-
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = ()
-    lr_scale: float = attrs.field(default=1.0, validator=validators.positive)
-    weight_decay: float | None = attrs.field(
-        default=None, validator=validators.optional(validators.non_negative)
-    )
-    name: str | None = None
-
-
-@attrs.frozen
 class DataSettings:
     """Where the training text comes from and how it is cut into batches."""
 
@@ -103,7 +91,6 @@ class TrainSettings:
     log_every: int = attrs.field(default=10, validator=validators.positive_int)
     checkpoint_every: int = attrs.field(default=100, validator=validators.positive_int)
     device: str = attrs.field(default="cpu", validator=validators.one_of(*DEVICES))
-    param_groups: tuple[ParamGroup, ...] = ()
 
     def __attrs_post_init__(self) -> None:
         if self.checkpoint_every % self.log_every:

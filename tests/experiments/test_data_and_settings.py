@@ -10,7 +10,6 @@ import steadytrain
 from steadytrain.experiments import load_experiment
 from steadytrain.experiments.data import Corpus, load_corpus
 from steadytrain.experiments.models import model_options
-from steadytrain.experiments.settings import ParamGroup
 
 
 def load(raw, **kwargs):
@@ -91,15 +90,15 @@ def test_every_table_is_optional_and_the_pipeline_part_is_the_cores_run_config()
     assert config.model.name == "gpt" and config.model.options.qk_layernorm is False
     assert config.data.source == "pydoc" and config.train.steps == 300
     assert config.pipeline == steadytrain.RunConfig()
+    pipeline = {"plugins": [{"plugin": "z_loss"}], "finite_check": "step",
+                "param_groups": [{"include": ["*memory*"], "lr_scale": 0.1}]}
     full = load({"model": {"name": "memory_lm", "gate": "stabilized"},
-                 "train": {"lr": 0.3, "betas": [0.9, 0.99],
-                           "param_groups": [{"include": ["*memory*"], "lr_scale": 0.1}]},
-                 "plugins": [{"plugin": "z_loss"}], "finite_check": "step"})
+                 "train": {"lr": 0.3, "betas": [0.9, 0.99]}, **pipeline})
     assert full.model.options.gate == "stabilized"
     assert full.train.betas == (0.9, 0.99)
-    assert full.train.param_groups == (ParamGroup(include=("*memory*",), lr_scale=0.1),)
-    assert full.pipeline == steadytrain.load_config(
-        {"plugins": [{"plugin": "z_loss"}], "finite_check": "step"})
+    assert full.pipeline == steadytrain.load_config(pipeline)
+    assert full.pipeline.param_groups == (steadytrain.GroupSpec(include=("*memory*",),
+                                                                lr_scale=0.1),)
 
 
 def test_the_plain_form_identifies_the_run():

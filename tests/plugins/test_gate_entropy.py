@@ -127,7 +127,7 @@ def test_gates_that_do_not_sum_to_one_name_the_instance_and_atol():
     pipe = steadytrain.Pipeline([GateEntropy(id="router")]).setup()
     pipe.before_step()
     with pytest.raises(
-        steadytrain.HookError,
+        steadytrain.ConfigError,
         match=r"router: outputs\['gates'\] is not a valid gate: .*sums to 1 ± 0\.5.*atol = 0\.001",
     ):
         pipe.compute_loss(None, outputs={"gates": torch.full((4, 3), 0.5)})
@@ -137,7 +137,7 @@ def test_atol_admits_low_precision_gates():
     g = gates(2, 8, 3).bfloat16()
     g[0, 0] += 0.004
     strict = steadytrain.Pipeline([GateEntropy(GateEntropy.Config(target=1.0))]).setup()
-    with pytest.raises(steadytrain.HookError, match=r"atol = 0\.001"):
+    with pytest.raises(steadytrain.ConfigError, match=r"atol = 0\.001"):
         regularize(strict, {"gates": g})
     pipe = steadytrain.Pipeline([GateEntropy(GateEntropy.Config(atol=1e-2, target=1.0))]).setup()
     assert torch.allclose(regularize(pipe, {"gates": g}), 1.0 - hand_entropy(g.float()))
@@ -147,7 +147,7 @@ def test_negative_gate_entries_are_an_error():
     pipe = steadytrain.Pipeline([GateEntropy(id="router")]).setup()
     pipe.before_step()
     bad = torch.tensor([[1.5, -0.5, 0.0]])
-    with pytest.raises(steadytrain.HookError, match=r"router: .*negative entry \(-0\.5\)"):
+    with pytest.raises(steadytrain.ConfigError, match=r"router: .*negative entry \(-0\.5\)"):
         pipe.compute_loss(None, outputs={"gates": bad})
 
 

@@ -66,7 +66,7 @@ def test_plugin_shape_error_names_the_instance_the_input_and_the_option():
     pipe = steadytrain.Pipeline([GateSmoothness(GateSmoothness.Config(time_dim=2), id="mix")])
     pipe.setup()
     pipe.before_step()
-    with pytest.raises(steadytrain.HookError, match=r"mix: outputs\['gates'\]: time_dim 2 is the"):
+    with pytest.raises(steadytrain.ConfigError, match=r"mix: outputs\['gates'\]: time_dim 2 is"):
         pipe.compute_loss(None, outputs={"gates": gates(2, 5, 3)})
 
 
@@ -92,7 +92,7 @@ def test_low_precision_gates_are_differenced_in_float32():
 def test_gates_that_do_not_sum_to_one_are_an_error():
     pipe = steadytrain.Pipeline([GateSmoothness(id="mix")]).setup()
     pipe.before_step()
-    with pytest.raises(steadytrain.HookError, match=r"mix: outputs\['gates'\] is not a valid gate"):
+    with pytest.raises(steadytrain.ConfigError, match=r"mix: outputs\['gates'\] is not a valid"):
         pipe.compute_loss(None, outputs={"gates": torch.sigmoid(torch.randn(2, 5, 3))})
 
 

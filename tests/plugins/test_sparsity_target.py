@@ -59,7 +59,7 @@ def test_mask_outside_zero_one_is_an_error_naming_the_instance(values, span):
     pipe = steadytrain.Pipeline([SparsityTarget(id="topk")]).setup()
     pipe.before_step()
     with pytest.raises(
-        steadytrain.HookError,
+        steadytrain.ConfigError,
         match=rf"topk: outputs\['sparsity_mask'\] is not a valid mask: its values span {span}",
     ):
         pipe.compute_loss(None, outputs={"sparsity_mask": torch.tensor(values)})
@@ -74,7 +74,7 @@ def test_mask_at_the_bounds_is_valid():
 def test_empty_mask_is_an_error():
     pipe = steadytrain.Pipeline([SparsityTarget(id="topk")]).setup()
     pipe.before_step()
-    with pytest.raises(steadytrain.HookError, match=r"topk: .*is not a valid mask: it is empty"):
+    with pytest.raises(steadytrain.ConfigError, match=r"topk: .*is not a valid mask: it is empty"):
         pipe.compute_loss(None, outputs={"sparsity_mask": torch.zeros(0, 4)})
 
 

@@ -100,7 +100,7 @@ def test_reported_tensor_gives_the_plain_functions_term(case):
     assert torch.allclose(one_step(pipe, {key: x}), function(x))
 
 
-def test_a_name_reported_several_times_averages_the_terms(case):
+def test_a_name_reported_several_times_is_stacked_as_time_steps(case):
     name, plugin, key, _term, _make, function = case
     model = torch.nn.Sequential(Reporter(key, activation(name)), Reporter(key, activation(name)))
     pipe = pipeline_of(plugin(), model=model)
@@ -111,7 +111,37 @@ def test_a_name_reported_several_times_averages_the_terms(case):
     pipe.before_step()
     model(x)
     loss = pipe.compute_loss(None)
-    assert torch.allclose(loss, (function(first) + function(second)) / 2)
+    assert torch.allclose(loss, function(torch.stack([first, second], dim=-2)))
+
+
+def test_a_gate_called_once_per_time_step_is_smoothed_across_time():
+    from steadytrain.nn import MemoryGate
+    from steadytrain.plugins.gate_smoothness import GateSmoothness
+
+    torch.manual_seed(0)
+    gate = MemoryGate(4)
+    for source in ("report", "tap"):
+        config = (GateSmoothness.Config(taps=("gate",), tap_element=1) if source == "tap"
+                  else GateSmoothness.Config())
+        model = torch.nn.ModuleDict({"gate": gate})
+        pipe = pipeline_of(GateSmoothness(config), model=model)
+        pipe.before_step()
+        states = torch.randn(8, 5, 3, 4)  # time, batch, (current, stm, ltm), features
+        calls = [model["gate"](s[:, 0], s[:, 1], s[:, 2])[1] for s in states]
+        loss = pipe.compute_loss(None)
+        by_hand = sum(((calls[t + 1] - calls[t]) ** 2).mean() for t in range(7)) / 7
+        assert torch.allclose(loss, by_hand), source
+        pipe.close()
+
+
+def test_calls_of_different_shapes_are_inputs_of_their_own():
+    from steadytrain.plugins.gate_smoothness import GateSmoothness, gate_smoothness
+
+    pipe = pipeline_of(GateSmoothness(id="mine"))
+    pipe.before_step()
+    gates = [torch.softmax(torch.randn(2, 5, 3), -1), torch.softmax(torch.randn(4, 3), -1)]
+    loss = pipe.compute_loss(None, outputs={"gates": gates})
+    assert torch.allclose(loss, (gate_smoothness(gates[0]) + gate_smoothness(gates[1])) / 2)
 
 
 def test_tapped_tuple_outputs_are_read_at_tap_element(case):
@@ -141,7 +171,7 @@ def test_excluding_every_tapped_module_is_an_error(case):
     name, plugin, *_ = case
     model = torch.nn.ModuleDict({f"r{i}": Router(activation(name)) for i in range(2)})
     instance = plugin(plugin.Config(taps=("r#",), tap_element=1), id="mine", exclude=["r*"])
-    with pytest.raises(steadytrain.FilterError, match=r"mine\.exclude: excludes every module"):
+    with pytest.raises(steadytrain.FilterError, match=r"mine: include .* select none of the"):
         pipeline_of(instance, model=model)
 
 
@@ -152,7 +182,7 @@ def test_tuple_output_without_tap_element_is_an_error(case):
     pipe.before_step()
     model["a"](torch.randn(2, 5, 3))
     message = r"mine\.tap_element: module 'a' returns a tuple"
-    with pytest.raises(steadytrain.HookError, match=message):
+    with pytest.raises(steadytrain.ConfigError, match=message):
         pipe.compute_loss(None)
 
 
@@ -162,12 +192,12 @@ def test_tap_element_out_of_range_or_on_a_tensor_is_an_error(case):
     pipe = pipeline_of(plugin(plugin.Config(taps=("a",), tap_element=2)), model=model)
     pipe.before_step()
     model["a"](torch.randn(2, 5, 3))
-    with pytest.raises(steadytrain.HookError, match=r"tap_element: 2 is out of range"):
+    with pytest.raises(steadytrain.ConfigError, match=r"tap_element: 2 is out of range"):
         pipe.compute_loss(None)
     pipe = pipeline_of(plugin(plugin.Config(taps=("s",), tap_element=0)), model=model)
     pipe.before_step()
     model["s"](torch.randn(2, 5, 3))
-    with pytest.raises(steadytrain.HookError, match=r"returns a single Tensor, not a tuple"):
+    with pytest.raises(steadytrain.ConfigError, match=r"returns a single Tensor, not a tuple"):
         pipe.compute_loss(None)
 
 
@@ -176,7 +206,7 @@ def test_tapped_module_that_did_not_run_is_an_error(case):
     model = torch.nn.ModuleDict({"a": Router(activation(name))})
     pipe = pipeline_of(plugin(plugin.Config(taps=("a",), tap_element=1), id="mine"), model=model)
     pipe.before_step()
-    with pytest.raises(steadytrain.HookError, match=r"mine\.taps: module 'a' did not run"):
+    with pytest.raises(steadytrain.ConfigError, match=r"mine\.taps: module 'a' did not run"):
         pipe.compute_loss(None)
 
 
@@ -199,7 +229,7 @@ def test_missing_output_is_an_error_listing_the_outputs(case):
     pipe = pipeline_of(plugin(id="mine"))
     pipe.before_step()
     with pytest.raises(
-        steadytrain.HookError, match=rf"mine\.key: no output '{key}'.*outputs are: hidden, logits"
+        steadytrain.ConfigError, match=rf"mine\.key: no output '{key}'.*outputs are: hidden, logits"
     ):
         pipe.compute_loss(None, outputs={"logits": torch.zeros(2), "hidden": make(2, 3)})
 
@@ -208,7 +238,7 @@ def test_an_output_that_is_not_a_tensor_is_an_error(case):
     _name, plugin, key, *_ = case
     pipe = pipeline_of(plugin(id="mine"))
     pipe.before_step()
-    with pytest.raises(steadytrain.HookError, match=rf"mine\.key: outputs\['{key}'\] is a str"):
+    with pytest.raises(steadytrain.ConfigError, match=rf"mine\.key: outputs\['{key}'\] is a str"):
         pipe.compute_loss(None, outputs={key: "not a tensor"})
 
 
@@ -216,7 +246,7 @@ def test_invalid_values_are_an_error_naming_the_instance(case):
     name, plugin, key, *_ = case
     pipe = pipeline_of(plugin(id="mine"))
     pipe.before_step()
-    with pytest.raises(steadytrain.HookError, match=rf"mine: outputs\['{key}'\] is not a valid"):
+    with pytest.raises(steadytrain.ConfigError, match=rf"mine: outputs\['{key}'\] is not a valid"):
         pipe.compute_loss(None, outputs={key: INVALID[name]()})
 
 
@@ -226,7 +256,7 @@ def test_nan_values_fail_the_check(case):
     x[0, 0, 0] = math.nan
     pipe = pipeline_of(plugin(id="mine"))
     pipe.before_step()
-    with pytest.raises(steadytrain.HookError, match=r"is not a valid"):
+    with pytest.raises(steadytrain.ConfigError, match=r"is not a valid"):
         pipe.compute_loss(None, outputs={key: x})
 
 
@@ -240,7 +270,7 @@ def test_check_policy_decides_which_steps_are_checked(case, check, errors_at_sec
     one_step(pipe, {key: make(2, 5, 3)})
     bad = INVALID[name]()
     if errors_at_second_step:
-        with pytest.raises(steadytrain.HookError, match="is not a valid"):
+        with pytest.raises(steadytrain.ConfigError, match="is not a valid"):
             one_step(pipe, {key: bad})
     else:
         assert torch.allclose(one_step(pipe, {key: bad}), function(bad))
@@ -249,7 +279,7 @@ def test_check_policy_decides_which_steps_are_checked(case, check, errors_at_sec
 def test_first_step_check_catches_a_bad_first_step(case):
     name, plugin, key, *_ = case
     pipe = pipeline_of(plugin(plugin.Config(check="first_step")))
-    with pytest.raises(steadytrain.HookError, match="is not a valid"):
+    with pytest.raises(steadytrain.ConfigError, match="is not a valid"):
         one_step(pipe, {key: INVALID[name]()})
 
 
@@ -350,7 +380,7 @@ def test_the_documents_loss_assembled_from_a_config():
     task = F.cross_entropy(logits.movedim(-1, 1), targets)
     loss = pipe.compute_loss(task, outputs={"logits": logits})
     gates, mask = model.seen
-    assert pipe.run.taps["topk"][1] is mask
+    assert pipe.run.taps["topk"][0][1] is mask
     entropy = -(gates * gates.log()).sum(-1).mean()
     expected = (
         F.cross_entropy(logits.movedim(-1, 1), targets, label_smoothing=0.1)

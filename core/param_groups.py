@@ -36,26 +36,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import attrs
 import torch
 
-import steadytrain
-from steadytrain import validators
+from . import validators
+from .config import GroupSpec, structure_options
+from .errors import ConfigError
+from .filters import VariableFilter
 
 OWNER = "param_groups"
-
-
-@attrs.frozen
-class GroupSpec:
-    """One group: which parameters, and how its lr and weight decay differ from the base."""
-
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = ()
-    lr_scale: float = attrs.field(default=1.0, validator=validators.positive)
-    weight_decay: float | None = attrs.field(
-        default=None, validator=validators.optional(validators.non_negative)
-    )
-    name: str | None = None
 
 
 def param_groups(
@@ -72,7 +60,7 @@ def param_groups(
     ``lr_scale`` (the group's ``lr`` is ``lr * lr_scale``), ``weight_decay`` (default
     *weight_decay*) and ``name`` (default ``groups[i]``). Parameters no spec selects go
     to a last group named *default_name* with *lr* and *weight_decay*; it is left out
-    when empty. Raises :class:`steadytrain.ConfigError` for an unknown key, a bad number,
+    when empty. Raises :class:`ConfigError` for an unknown key, a bad number,
     a pattern that matches no parameter, a parameter two groups select, or a group that
     ends up empty.
     """
@@ -90,21 +78,15 @@ def param_groups(
         if isinstance(raw, GroupSpec):
             spec = raw
         elif isinstance(raw, Mapping):
-            spec = steadytrain.structure_options(raw, GroupSpec, where)
+            spec = structure_options(raw, GroupSpec, where)
         else:
-            raise steadytrain.ConfigError(f"{where}: expected a table of options, got {raw!r}")
+            raise ConfigError(f"{where}: expected a table of options, got {raw!r}")
         name = spec.name or f"groups[{index}]"
-        selector = steadytrain.VariableFilter(
-            include=spec.include, exclude=spec.exclude, owner=where
-        )
+        selector = VariableFilter(include=spec.include, exclude=spec.exclude, owner=where)
         selected = selector.select(names, kind="parameter")
-        if not selected:
-            raise steadytrain.ConfigError(
-                f"{where}: the patterns select no parameter (every match is excluded)"
-            )
         for param in selected:
             if param in owner_of:
-                raise steadytrain.ConfigError(
+                raise ConfigError(
                     f"{where}: parameter {param!r} is also in group {owner_of[param]!r}; a "
                     "parameter belongs to one group: narrow the patterns or add an exclude"
                 )
