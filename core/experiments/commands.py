@@ -37,7 +37,8 @@ def _disabled(args: argparse.Namespace) -> tuple[str, ...]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_experiment(args.config, model=args.model, model_options=model_options)
-    config = config.with_overrides(lr=args.lr, seed=args.seed, steps=args.steps)
+    config = config.with_overrides(lr=args.lr, seed=args.seed, steps=args.steps,
+                                   device=args.device)
     config = config.with_disabled(_disabled(args), no_autoload=args.no_autoload)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     progress = None if args.quiet else Progress(f"run {out}", config.train.steps)
@@ -83,7 +84,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                      threads=args.threads, resume=args.resume, overwrite=args.overwrite,
                      model=args.model, disable=_disabled(args), no_autoload=args.no_autoload,
                      ablate=args.ablate, curve_lr=args.curve_lr, plot=not args.no_plot,
-                     progress=not args.quiet)
+                     progress=not args.quiet, device=args.device)
     return _report(result, out, "the same command with --resume")
 
 
@@ -167,6 +168,7 @@ def _run_flags(parser: argparse.ArgumentParser, *, threads: int) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing run directory")
     parser.add_argument("--model", help="a model of your own, 'package.module:callable'")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="override train.device")
     parser.add_argument("--threads", type=int, default=threads,
                         help=f"torch threads per run (default {threads})")
     parser.add_argument("--quiet", action="store_true",

@@ -88,7 +88,8 @@ def ablations(label: str, config: ExperimentConfig) -> list[tuple[str, tuple[str
 
 def plan(paths: Sequence[Path], out: Path, *, lrs: Sequence[float] | None,
          seeds: Sequence[int] | None, model: str | None, disable: tuple[str, ...] = (),
-         no_autoload: bool = False, ablate: bool = False) -> list[Planned]:
+         no_autoload: bool = False, ablate: bool = False,
+         device: str | None = None) -> list[Planned]:
     """Every run of the comparison, after checking that the configs can be compared.
 
     With *ablate*, the last config also runs once without each of its plugin instances.
@@ -96,7 +97,8 @@ def plan(paths: Sequence[Path], out: Path, *, lrs: Sequence[float] | None,
     if not paths:
         raise ConfigError("compare: name at least one config file")
     configs = [load_experiment(p, model=model, model_options=model_options)
-               .with_disabled(disable, no_autoload=no_autoload) for p in paths]
+               .with_disabled(disable, no_autoload=no_autoload).with_overrides(device=device)
+               for p in paths]
     first = configs[0]
     for path, config in zip(paths[1:], configs[1:], strict=True):
         for what, mine, theirs in (
@@ -163,7 +165,8 @@ def command(run: Planned, *, threads: int, model: str | None,
     removed = [flag for name in run.removed for flag in ("-p", f"no:{name}")]
     args = [sys.executable, "-m", "steadytrain", *global_flags, *removed, "run", str(run.path),
             "--out", str(run.out), "--lr", repr(run.config.train.lr),
-            "--seed", str(run.config.train.seed), "--threads", str(threads), "--quiet"]
+            "--seed", str(run.config.train.seed), "--threads", str(threads),
+            "--device", run.config.train.device, "--quiet"]
     if model is not None:
         args += ["--model", model]
     if (run.out / CHECKPOINT).exists():
@@ -396,6 +399,7 @@ def compare(
     resume: bool = False, overwrite: bool = False, model: str | None = None,
     disable: tuple[str, ...] = (), no_autoload: bool = False, ablate: bool = False,
     curve_lr: float | None = None, plot: bool = True, progress: bool = True,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Run the comparison and write its table and figure; return what it found.
 
@@ -404,7 +408,7 @@ def compare(
     """
     out = Path(out)
     runs = plan([Path(p) for p in paths], out, lrs=lrs, seeds=seeds, model=model,
-                disable=disable, no_autoload=no_autoload, ablate=ablate)
+                disable=disable, no_autoload=no_autoload, ablate=ablate, device=device)
     global_flags = [*(f for name in disable for f in ("-p", f"no:{name}")),
                     *(["--no-autoload"] if no_autoload else [])]
     if plot:
@@ -423,9 +427,9 @@ def compare(
     seed_count = len({r.config.train.seed for r in runs})
     table = tables(by_label, seed_count)
     failures = [f"- {o.run.name}: {o.error}" for o in outcomes if o.error]
-    machine = f"{os.cpu_count()} CPU cores, {threads} thread(s) per run, {jobs} at a time"
+    machines = sorted({o.summary.get("machine", "?") for o in outcomes if o.summary})
     text = table + (("\nFailed runs (counted as diverged):\n\n" + "\n".join(failures) + "\n")
-                    if failures else "") + f"\nMachine: {machine}.\n"
+                    if failures else "") + f"\nRuns on: {'; '.join(machines) or '-'}.\n"
     (out / RESULTS).write_text(text, encoding="utf-8")
     figure = None
     if plot and not interrupted:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 import shutil
 import signal
 import time
@@ -380,6 +382,14 @@ def _progress_text(line: Mapping[str, Any]) -> str:
     return text + (f"  skipped {skipped}" if skipped else "")
 
 
+def machine(device: str) -> str:
+    """Where a run ran, for the tables: processor, cores, threads, accelerator, torch."""
+    where = f"{platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} thread(s)"
+    if device == "cuda":
+        where += f", {torch.cuda.get_device_name()}"
+    return f"{where}, torch {torch.__version__.split('+')[0]}"
+
+
 def evaluate(task: Task, model: torch.nn.Module) -> dict[str, float]:
     """The task's evaluation in eval mode (the model goes back to training mode after)."""
     model.eval()
@@ -439,5 +449,6 @@ def summarize(config: ExperimentConfig, task: Task, model: torch.nn.Module, pipe
         "oscillation_ratio": measures.oscillation_ratio([losses[i] for i in tail]),
         "oscillation_floor": measures.oscillation_ratio(frozen),
         "seconds_per_step": seconds / done if done else math.nan,
+        "machine": machine(config.train.device),
         "extras": {k: v for k, v in averaged.items() if k != "loss"},
     }

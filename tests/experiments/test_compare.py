@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import signal
 import time
 
@@ -61,7 +62,7 @@ def test_compare_runs_every_config_lr_and_seed_and_writes_the_table_and_plot(tmp
         row = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
         assert row.split("|")[2].strip() == f"{mean:.4g} ± {spread:.2g}"
         assert label in out  # the terminal table
-    assert "Machine: " in table
+    assert re.search(r"Runs on: \S+ \d+ cores, 1 thread\(s\), torch ", table)
     # The same command again is refused; with --resume the finished runs are reused.
     code, _, err = cli(*args)
     assert code == 1 and "cmp: the output directory exists" in err
