@@ -28,8 +28,8 @@ import torch
 from ._version import __version__
 from .config import DISABLE_ENV, load_config, option_table
 from .errors import ConfigError, SteadytrainError, suggest
-from .hook_table import implemented_hooks
 from .experiments.commands import add_commands
+from .hook_table import implemented_hooks
 from .pipeline import Pipeline
 from .registry import Registry
 
