@@ -117,10 +117,12 @@ def plan(paths: Sequence[Path], out: Path, *, lrs: Sequence[float] | None,
         label, path, config, _ = variants.pop()
         variants += [(name, path, config.with_disabled(removed), removed)
                      for name, removed in ablations(label, config)]
+    # Seed by seed: a comparison cut short still has whole sweeps of every config.
     runs = []
-    for label, path, config, removed in variants:
-        for lr in lrs or [config.train.lr]:
-            for seed in seeds if seeds is not None else [config.train.seed]:
+    for index in range(len(seeds) if seeds is not None else 1):
+        for label, path, config, removed in variants:
+            seed = seeds[index] if seeds is not None else config.train.seed
+            for lr in lrs or [config.train.lr]:
                 run = config.with_overrides(lr=lr, seed=seed)
                 where = Path(label) / f"lr_{lr:g}" / f"seed_{seed}"
                 runs.append(Planned(label, path, run, out / where,
