@@ -65,8 +65,12 @@ def _report(result: dict[str, Any], out: Path, resume_hint: str) -> int:
     if result["figure"] is not None:
         print(f"plot: {result['figure']}")
     if result["interrupted"]:
-        print(f"interrupted; the runs are resumable: {resume_hint}", file=sys.stderr)
+        print(f"interrupted: {result['missing']} run(s) did not end; they are resumable: "
+              f"{resume_hint}", file=sys.stderr)
         return INTERRUPTED
+    if result["missing"]:
+        print(f"{result['missing']} run(s) have not ended: their seeds are left out of the "
+              "measures", file=sys.stderr)
     return 0
 
 
@@ -84,7 +88,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                      threads=args.threads, resume=args.resume, overwrite=args.overwrite,
                      model=args.model, disable=_disabled(args), no_autoload=args.no_autoload,
                      ablate=args.ablate, curve_lr=args.curve_lr, plot=not args.no_plot,
-                     progress=not args.quiet, device=args.device)
+                     progress=not args.quiet, device=args.device, report=args.report)
     return _report(result, out, "the same command with --resume")
 
 
@@ -148,6 +152,8 @@ def add_commands(sub: Any) -> None:
     comp.add_argument("--ablate", action="store_true",
                       help="also run the last config once without each of its plugins")
     comp.add_argument("--no-plot", action="store_true", help="write no figure")
+    comp.add_argument("--report", action="store_true",
+                      help="run nothing: tabulate and plot the runs that ended in --out")
     _run_flags(comp, threads=1)
     comp.set_defaults(func=cmd_compare)
 

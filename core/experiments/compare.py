@@ -268,21 +268,27 @@ def _final(outcome: Outcome) -> float:
 
 
 def config_measures(outcomes: Sequence[Outcome]) -> dict[str, Any]:
-    """The measures of one config over its learning rates and seeds."""
-    by_seed: dict[int, dict[float, float]] = {}
-    initial: dict[int, float] = {}
+    """The measures of one config over its learning rates and seeds.
+
+    A seed counts when every learning rate of it has ended (finished, diverged or
+    failed; a failed run counts as diverged): a sweep cut short says nothing about the
+    learning rates it did not reach. Final losses are capped at the initial loss, and a
+    non-finite one counts as the initial loss, as in the LR sensitivity.
+    """
+    by_seed: dict[int, dict[float, Outcome]] = {}
     for o in outcomes:
-        seed, lr = o.run.config.train.seed, o.run.config.train.lr
-        by_seed.setdefault(seed, {})[lr] = _final(o)
-        if o.summary is not None:
-            initial[seed] = o.summary["initial_loss"]
-    per_seed = {seed: finals for seed, finals in by_seed.items() if seed in initial}
-    sensitivity = [measures.lr_sensitivity(f, initial[s]) for s, f in per_seed.items()]
-    best = [measures.best_loss(f) for f in per_seed.values()]
-    largest = [measures.largest_converging_lr(f, initial[s]) for s, f in per_seed.items()]
+        by_seed.setdefault(o.run.config.train.seed, {})[o.run.config.train.lr] = o
+    initial = {seed: next(o.summary["initial_loss"] for o in runs.values() if o.summary)
+               for seed, runs in by_seed.items() if any(o.summary for o in runs.values())}
+    complete = {seed: {lr: _final(o) for lr, o in runs.items()} for seed, runs in by_seed.items()
+                if seed in initial and all(o.summary or o.error for o in runs.values())}
+    sensitivity = [measures.lr_sensitivity(f, initial[s]) for s, f in complete.items()]
+    best = [measures.best_loss(f) for f in complete.values()]
+    largest = [measures.largest_converging_lr(f, initial[s]) for s, f in complete.items()]
     lrs = sorted({o.run.config.train.lr for o in outcomes})
-    mean_final = {lr: measures.mean_and_spread([by_seed[s].get(lr, math.nan)
-                                                for s in by_seed])[0] for lr in lrs}
+    final_by_lr = {lr: measures.mean_and_spread([measures.capped(f[lr], initial[s])
+                                                  for s, f in complete.items()]) for lr in lrs}
+    mean_final = {lr: pair[0] for lr, pair in final_by_lr.items()}
     summaries = [o.summary for o in outcomes if o.summary is not None]
 
     def values(key: str) -> list[float]:
@@ -298,8 +304,8 @@ def config_measures(outcomes: Sequence[Outcome]) -> dict[str, Any]:
         "best_lr": measures.best_lr(mean_final),
         "largest_converging_lr": measures.mean_and_spread(largest),
         "within_10": measures.lr_range_within(mean_final),
-        "final_by_lr": {lr: measures.mean_and_spread([by_seed[s].get(lr, math.nan)
-                                                      for s in by_seed]) for lr in lrs},
+        "final_by_lr": final_by_lr,
+        "seeds": (len(complete), len(by_seed)),
         "diverged": sum(1 for s in summaries if s["diverged"]),
         "failed": sum(1 for o in outcomes if o.error is not None),
         "runs": len(outcomes),
@@ -340,16 +346,17 @@ def _pm(pair: tuple[float, float], digits: int = 4) -> str:
 def tables(by_label: Mapping[str, dict[str, Any]], seeds: int) -> str:
     """The comparison as Markdown: the measures per config, then final loss per lr."""
     lines = [
-        "| config | LR sensitivity | best loss | best lr | largest converging lr | lr within "
-        "10 % of best | diverged | spikes | skipped steps | max grad norm | max output logit "
-        "| max attention logit | osc. ratio (floor) | s/step |",
-        "|" + " --- |" * 14,
+        "| config | seeds | LR sensitivity | best loss | best lr | largest converging lr | lr "
+        "within 10 % of best | diverged | spikes | skipped steps | max grad norm | max output "
+        "logit | max attention logit | osc. ratio (floor) | s/step |",
+        "|" + " --- |" * 15,
     ]
     for label, m in by_label.items():
         low, high = m["within_10"]
         span = f"{_num(low, 3)} – {_num(high, 3)}" if math.isfinite(low) else "—"
+        done, seeds = m["seeds"]
         lines.append(
-            f"| {label} | {_pm(m['lr_sensitivity'])} | {_pm(m['best_loss'])} | "
+            f"| {label} | {done}/{seeds} | {_pm(m['lr_sensitivity'])} | {_pm(m['best_loss'])} | "
             f"{_num(m['best_lr'], 3)} | {_pm(m['largest_converging_lr'], 3)} | {span} | "
             f"{m['diverged']}/{m['runs']} | {m['spikes']} | {m['skipped_steps']} | "
             f"{_num(m['max_grad_norm'], 3)} | {_num(m['max_logit'], 3)} | "
@@ -357,8 +364,8 @@ def tables(by_label: Mapping[str, dict[str, Any]], seeds: int) -> str:
             f"({_num(m['oscillation_floor'], 3)}) | {_num(m['seconds_per_step'], 2)} |"
         )
     lrs = sorted({lr for m in by_label.values() for lr in m["final_by_lr"]})
-    lines += ["", f"Final validation loss per learning rate (mean ± std over {seeds} "
-              f"seed{'s' if seeds > 1 else ''}):", "",
+    lines += ["", f"Final validation loss per learning rate (mean ± std over the complete "
+              f"seeds, at most {seeds}; a diverged run counts as the initial loss):", "",
               "| config | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
               "|" + " --- |" * (len(lrs) + 1)]
     for label, m in by_label.items():
@@ -401,9 +408,12 @@ def compare(
     resume: bool = False, overwrite: bool = False, model: str | None = None,
     disable: tuple[str, ...] = (), no_autoload: bool = False, ablate: bool = False,
     curve_lr: float | None = None, plot: bool = True, progress: bool = True,
-    device: str | None = None,
+    device: str | None = None, report: bool = False,
 ) -> dict[str, Any]:
     """Run the comparison and write its table and figure; return what it found.
+
+    With *report*, nothing runs: the table and figure are made from the runs that have
+    ended in *out* (the others count as missing).
 
     Returns ``{"measures": {label: ...}, "outcomes": [...], "table": markdown,
     "figure": path or None, "interrupted": bool}``.
@@ -417,11 +427,16 @@ def compare(
         from .plots import require_matplotlib
 
         require_matplotlib()
-    prepare_directory(out, runs, resume=resume, overwrite=overwrite)
-    jobs = jobs or max(1, (os.cpu_count() or 1) // threads)
-    bar = Progress("compare", len(runs)) if progress else None
-    outcomes = execute(runs, jobs=jobs, threads=threads, model=model,
-                       global_flags=global_flags, progress=bar)
+    if report:
+        if not (out / MARKER).exists():
+            raise RunError(f"{out}: --report needs a comparison directory (one with {MARKER})")
+        outcomes = [Outcome(r, summary=finished_summary(r)) for r in runs]
+    else:
+        prepare_directory(out, runs, resume=resume, overwrite=overwrite)
+        jobs = jobs or max(1, (os.cpu_count() or 1) // threads)
+        bar = Progress("compare", len(runs)) if progress else None
+        outcomes = execute(runs, jobs=jobs, threads=threads, model=model,
+                           global_flags=global_flags, progress=bar)
     interrupted = any(o.interrupted for o in outcomes)
     labels = list(dict.fromkeys(r.label for r in runs))
     by_label = {label: config_measures([o for o in outcomes if o.run.label == label])
@@ -434,14 +449,15 @@ def compare(
                     if failures else "") + f"\nRuns on: {'; '.join(machines) or '-'}.\n"
     (out / RESULTS).write_text(text, encoding="utf-8")
     figure = None
-    if plot and not interrupted:
+    if plot and (report or not interrupted):
         from .plots import plot_comparison
 
         figure = out / FIGURE
         plot_comparison(outcomes, by_label, figure, curve_lr=curve_lr)
     return {"measures": by_label, "outcomes": outcomes, "table": table,
             "terminal": terminal_table(by_label), "failures": failures,
-            "figure": figure, "interrupted": interrupted}
+            "figure": figure, "interrupted": interrupted,
+            "missing": sum(1 for o in outcomes if o.summary is None and o.error is None)}
 
 
 def curves(outcome: Outcome) -> dict[str, list[float]]:

@@ -60,7 +60,8 @@ def test_compare_runs_every_config_lr_and_seed_and_writes_the_table_and_plot(tmp
             runs[(0.001, seed)]["initial_loss"]) for seed in (0, 1)]
         mean, spread = measures.mean_and_spread(sensitivity)
         row = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
-        assert row.split("|")[2].strip() == f"{mean:.4g} ± {spread:.2g}"
+        assert row.split("|")[2].strip() == "2/2"
+        assert row.split("|")[3].strip() == f"{mean:.4g} ± {spread:.2g}"
         assert label in out  # the terminal table
     assert re.search(r"Runs on: \S+ \d+ cores, 1 thread\(s\), torch ", table)
     # The same command again is refused; with --resume the finished runs are reused.
@@ -131,7 +132,7 @@ def test_ctrl_c_stops_every_run_at_a_resumable_point(tmp_path, cli):
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
-    assert "interrupted; the runs are resumable" in err
+    assert "interrupted: 2 run(s) did not end; they are resumable" in err
     for run in runs:
         state = torch.load(run / "checkpoint.pt", weights_only=True)
         assert state["step"] == metrics_lines(run)[-1]["step"] < 3000
