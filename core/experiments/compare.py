@@ -268,7 +268,7 @@ def _final(outcome: Outcome) -> float:
 
 
 def config_measures(outcomes: Sequence[Outcome]) -> dict[str, Any]:
-    """The measures of one config over its learning rates and seeds.
+    """The measures of one config over its learning rates and seeds (``runs``: those ended).
 
     A seed counts when every learning rate of it has ended (finished, diverged or
     failed; a failed run counts as diverged): a sweep cut short says nothing about the
@@ -290,6 +290,9 @@ def config_measures(outcomes: Sequence[Outcome]) -> dict[str, Any]:
                                                   for s, f in complete.items()]) for lr in lrs}
     mean_final = {lr: pair[0] for lr, pair in final_by_lr.items()}
     summaries = [o.summary for o in outcomes if o.summary is not None]
+    at_best = [o.summary for o in outcomes if o.summary is not None
+               and o.run.config.train.seed in complete
+               and o.run.config.train.lr == measures.best_lr(mean_final)]
 
     def values(key: str) -> list[float]:
         return [float(s[key]) for s in summaries if s.get(key) is not None]
@@ -308,7 +311,7 @@ def config_measures(outcomes: Sequence[Outcome]) -> dict[str, Any]:
         "seeds": (len(complete), len(by_seed)),
         "diverged": sum(1 for s in summaries if s["diverged"]),
         "failed": sum(1 for o in outcomes if o.error is not None),
-        "runs": len(outcomes),
+        "runs": sum(1 for o in outcomes if o.summary or o.error),
         "spikes": int(sum(values("spikes"))),
         "skipped_steps": int(sum(values("skipped_steps"))),
         "max_grad_norm": largest_of("max_grad_norm"),
@@ -317,19 +320,13 @@ def config_measures(outcomes: Sequence[Outcome]) -> dict[str, Any]:
         "oscillation_ratio": measures.mean_and_spread(values("oscillation_ratio"))[0],
         "oscillation_floor": measures.mean_and_spread(values("oscillation_floor"))[0],
         "seconds_per_step": measures.mean_and_spread(values("seconds_per_step"))[0],
-        "val_loss_raw_at_best": _at(outcomes, measures.best_lr(mean_final), "val_loss_raw"),
+        "val_loss_raw_at_best": measures.mean_and_spread(
+            [s["val_loss_raw"] for s in at_best])[0],
         "extras_at_best": {
-            key: measures.mean_and_spread([
-                o.summary["extras"][key] for o in outcomes if o.summary is not None
-                and o.run.config.train.lr == measures.best_lr(mean_final)])
+            key: measures.mean_and_spread([s["extras"][key] for s in at_best])
             for key in sorted({k for s in summaries for k in s.get("extras", {})})
         },
     }
-
-
-def _at(outcomes: Sequence[Outcome], lr: float, key: str) -> float:
-    return measures.mean_and_spread([o.summary[key] for o in outcomes if o.summary is not None
-                                     and o.run.config.train.lr == lr])[0]
 
 
 def _num(value: float, digits: int = 4) -> str:

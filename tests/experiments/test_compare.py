@@ -5,6 +5,7 @@ import math
 import re
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,3 +162,10 @@ def test_demo_prints_the_table_and_the_plot_path(tmp_path, cli, monkeypatch):
     assert code == 1 and "mine: exists and is not a demo directory" in err
     assert math.isfinite(json.loads(next((tmp_path / "steadytrain-demo").glob(
         "baseline/lr_*/seed_0/summary.json")).read_text())["final_loss"])
+
+
+def test_the_readmes_first_command_is_the_demo():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    first = re.findall(r"```bash\n(.*?)```", readme, flags=re.DOTALL)[0].splitlines()[0]
+    assert first.split("#")[0].strip().endswith("&& steadytrain demo")
+    assert "'.[plots]'" in first  # the figure needs matplotlib
