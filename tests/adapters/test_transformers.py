@@ -254,7 +254,8 @@ class BypassingTrainer(SteadytrainMixin, Trainer):
 def test_a_loss_that_bypasses_the_pipeline_is_an_error_naming_the_plugins(tmp_path):
     trainer = build(tmp_path, samples(), max_steps=2, trainer_class=BypassingTrainer,
                     pipe=pipeline(CONFIG))
-    with pytest.raises(steadytrain.UsageError, match=r"'guard', 'label_smoothing'.*first"):
+    with pytest.raises(steadytrain.UsageError,
+                       match=r"instance\(s\) 'label_smoothing' work on it.*first"):
         trainer.train()
 
 
