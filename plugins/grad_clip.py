@@ -182,15 +182,14 @@ def _vector_norms(vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     norm covers every rank's shard (one reduction for all of them)."""
     if not vectors:
         return []
-    norms = torch._foreach_norm(list(vectors))
+    norms = list(torch._foreach_norm(list(vectors)))
     dtensor = _dtensor_class()
-    if dtensor is None or not any(isinstance(n, dtensor) for n in norms):
-        return list(norms)
-    sharded = [i for i, n in enumerate(norms) if isinstance(n, dtensor)]
-    reduced = torch.stack([norms[i] for i in sharded]).full_tensor().unbind()
-    for index, norm in zip(sharded, reduced, strict=True):
-        norms[index] = norm
-    return list(norms)
+    sharded = [i for i, n in enumerate(norms) if dtensor is not None and isinstance(n, dtensor)]
+    if sharded:
+        reduced = torch.stack([norms[i] for i in sharded]).full_tensor().unbind()
+        for index, norm in zip(sharded, reduced, strict=True):
+            norms[index] = norm
+    return norms
 
 
 def _unit_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
