@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import runpy
 import socket
 import time
 import traceback
@@ -35,6 +36,7 @@ import steadytrain
 from steadytrain.adapters import distributed
 
 WORLD = 2
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "distributed" / "train.py"
 STEPS = 3
 #: Samples per optimizer step over all ranks (per micro-batch with accumulation).
 GLOBAL_BATCH = 8
@@ -309,28 +311,14 @@ def quiet_logs() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
 
 
-def rank_main(rank: int, folder: Path, example: Callable[[int], Any] | None) -> None:
-    torch.set_num_threads(1)  # two ranks on two cores; and no OpenMP pool after the fork
-    quiet_logs()
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    for name, function in SCENARIOS.items():
-        began = time.perf_counter()
-        try:
-            result = {"value": function(rank, folder)}
-        except Exception as exc:
-            result = {"error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
-        result["seconds"] = time.perf_counter() - began
-        torch.save(result, folder / f"{name}.{rank}.pt")
-    dist.destroy_process_group()
-    if example is not None:
-        example(rank)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def record(folder: Path, name: str, rank: int, call: Callable[[], Any]) -> None:
+    began = time.perf_counter()
+    try:
+        result = {"value": call()}
+    except Exception as exc:
+        result = {"error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"}
+    result["seconds"] = time.perf_counter() - began
+    torch.save(result, folder / f"{name}.{rank}.pt")
 
 
 def as_torchrun(rank: int, port: int) -> None:
@@ -340,9 +328,45 @@ def as_torchrun(rank: int, port: int) -> None:
                       MASTER_PORT=str(port))
 
 
-def launch(folder: Path, example: Callable[[int], Any] | None = None) -> None:
+def example_runs(rank: int, folder: Path, ports: list[int]) -> dict:
+    """The example's ``main`` as torchrun would start it: DDP and FSDP2 for two epochs, and
+    FSDP2 resumed from its checkpoint after the first epoch."""
+    main = runpy.run_path(str(EXAMPLE))["main"]
+    common = ["--epochs", "2", "--samples", "512", "--corrupt-step", "1", "--log-every", "2"]
+    runs = {"ddp": [], "fsdp2": ["--fsdp"],
+            "fsdp2_resumed": ["--fsdp", "--resume", str(folder / "fsdp2" / "epoch-0")]}
+    summaries = {}
+    for (name, options), port in zip(runs.items(), ports, strict=True):
+        out = folder / name.removesuffix("_resumed")
+        as_torchrun(rank, port)
+        summaries[name] = main([*common, *options, "--out", str(out)])
+    return summaries
+
+
+def rank_main(rank: int, folder: Path, ports: list[int]) -> None:
+    torch.set_num_threads(1)  # two ranks on two cores; and no OpenMP pool after the fork
+    quiet_logs()
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    for name, function in SCENARIOS.items():
+        record(folder, name, rank, lambda function=function: function(rank, folder))
+    dist.destroy_process_group()
+    record(folder, "example", rank, lambda: example_runs(rank, folder, ports))
+
+
+def free_ports(count: int) -> list[int]:
+    """*count* distinct ports that nothing listens on (all held open while choosing)."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+
+
+def launch(folder: Path) -> None:
     """Fork the ranks, wait for them (at most :data:`DEADLINE` seconds), and return."""
-    context = mp.start_processes(rank_main, args=(folder, example), nprocs=WORLD,
+    ports = free_ports(3)
+    context = mp.start_processes(rank_main, args=(folder, ports), nprocs=WORLD,
                                  start_method="fork", join=False)
     deadline = time.monotonic() + DEADLINE
     while not context.join(timeout=5):

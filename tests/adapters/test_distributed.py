@@ -188,3 +188,16 @@ def test_save_and_load_need_the_model_with_the_optimizer(tmp_path):
     pipe = distributed.setup(pipeline(CONFIG), model, make_optimizer(model), total_steps=STEPS)
     with pytest.raises(steadytrain.UsageError, match=r"pass the model too \(model=...\)"):
         distributed.save(tmp_path, pipe, optimizer=make_optimizer(model))
+
+
+def test_the_example_skips_the_nan_of_one_rank_and_resumes_exactly(ranks):
+    """examples/distributed/train.py as torchrun starts it: the NaN batch of rank 1 skips
+    one step on both ranks; FSDP2 resumed after the first epoch ends where the
+    uninterrupted run ends; DDP and FSDP2 train alike."""
+    for got in results(ranks, "example"):
+        ddp, fsdp2, resumed = got["ddp"], got["fsdp2"], got["fsdp2_resumed"]
+        assert fsdp2["skipped"] == ddp["skipped"] == resumed["skipped"] == 1
+        assert resumed == fsdp2
+        for key in ("accuracy", "ema_accuracy"):
+            assert fsdp2[key] == pytest.approx(ddp[key], abs=2 / 1024)
+    assert (ranks / "fsdp2" / "epoch-1" / ".metadata").is_file()
