@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node 2 examples/distributed/train.py               # DDP, CPU (gloo)
     torchrun --nproc-per-node 2 examples/distributed/train.py --fsdp        # FSDP2 (fully_shard)
+    torchrun --nproc-per-node 2 examples/distributed/train.py --device cuda # one GPU a rank (NCCL)
     torchrun --nproc-per-node 2 examples/distributed/train.py --fsdp --epochs 4 \\
         --resume runs/distributed/epoch-1                                   # continue a run
 
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -60,11 +63,12 @@ class Classifier(torch.nn.Module):
         return self.net(x)
 
 
-def make_model(fsdp: bool) -> torch.nn.Module:
+def make_model(fsdp: bool, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)  # the same initial weights on every rank
-    model = Classifier()
+    model = Classifier().to(device)
     if not fsdp:
-        return DistributedDataParallel(model)
+        return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
+                                       else None)
     for layer in model.net[::2]:  # the linear layers, then the rest
         fully_shard(layer)
     fully_shard(model)
@@ -79,12 +83,14 @@ def no_sync(model: torch.nn.Module, last: bool) -> contextlib.AbstractContextMan
     return contextlib.nullcontext()
 
 
-def accuracy(model: torch.nn.Module, loader: DataLoader) -> float:
+def accuracy(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> float:
     """Accuracy over every rank's share of the validation set."""
-    counts = torch.zeros(2)
+    counts = torch.zeros(2, device=device)
     with torch.no_grad():
         for x, y in loader:
-            counts += torch.tensor([(model(x).argmax(1) == y).sum().item(), len(y)])
+            x, y = x.to(device), y.to(device)
+            counts[0] += (model(x).argmax(1) == y).sum()
+            counts[1] += len(y)
     dist.all_reduce(counts)
     return (counts[0] / counts[1]).item()
 
@@ -93,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", default=HERE / "config.toml")
     parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: gloo; cuda: one GPU per rank (LOCAL_RANK), NCCL")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--samples", type=int, default=4096, help="training points")
     parser.add_argument("--batch", type=int, default=64, help="global micro-batch size")
@@ -105,20 +113,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--resume", type=Path, help="a checkpoint folder to continue from")
     args = parser.parse_args(argv)
 
-    dist.init_process_group("gloo")  # torchrun sets RANK, WORLD_SIZE and the rendezvous
+    device = torch.device("cpu")
+    if args.device == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    # torchrun sets RANK, WORLD_SIZE and the rendezvous
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return train(args, device)
+    finally:
+        # DDP's reducer keeps the process group alive from inside a reference cycle;
+        # collected after the group is destroyed, it can deadlock the exit (gloo)
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The run on this rank; its summary."""
     rank, world = dist.get_rank(), dist.get_world_size()
     distributed.log_on_rank_zero()
     say = print if rank == 0 else (lambda *_args, **_kwargs: None)
 
-    train = rings(args.samples, seed=0)
-    val = rings(1024, seed=1)
-    sampler = DistributedSampler(train, shuffle=True, seed=0, drop_last=True)
-    loader = DataLoader(train, batch_size=args.batch // world, sampler=sampler, drop_last=True)
-    val_loader = DataLoader(val, batch_size=256,
-                            sampler=DistributedSampler(val, shuffle=False))
+    train_set = rings(args.samples, seed=0)
+    val_set = rings(1024, seed=1)
+    sampler = DistributedSampler(train_set, shuffle=True, seed=0, drop_last=True)
+    loader = DataLoader(train_set, batch_size=args.batch // world, sampler=sampler, drop_last=True)
+    val_loader = DataLoader(val_set, batch_size=256,
+                            sampler=DistributedSampler(val_set, shuffle=False))
     steps_per_epoch = len(loader) // ACCUMULATION
 
-    model = make_model(args.fsdp)
+    model = make_model(args.fsdp, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
     pipe = steadytrain.Pipeline.from_config(args.config)
     distributed.setup(pipe, model, optimizer, total_steps=args.epochs * steps_per_epoch)
@@ -132,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         batches = iter(loader)
         for _ in range(steps_per_epoch):
             for index in range(ACCUMULATION):
-                x, y = next(batches)
+                x, y = (t.to(device, non_blocking=True) for t in next(batches))
                 if pipe.run.step == args.corrupt_step and rank == 1 and index == 0:
                     x = x.clone()
                     x[0, 0] = math.nan  # a broken record, on one rank only
@@ -153,20 +177,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     f"skipped so far {pipe.run.skipped_steps}")
         pipe.epoch_end()
         with pipe.evaluating():
-            averaged = accuracy(model, val_loader)
+            averaged = accuracy(model, val_loader, device)
         say(f"epoch {epoch}: validation accuracy {averaged:.3f} (EMA weights)")
         checkpoint = args.out / f"epoch-{epoch}"
         distributed.save(checkpoint, pipe, model=model, optimizer=optimizer)
 
-    trained = accuracy(model, val_loader)
+    trained = accuracy(model, val_loader, device)
     with pipe.evaluating():
-        averaged = accuracy(model, val_loader)
+        averaged = accuracy(model, val_loader, device)
     summary = {"steps": pipe.run.step, "skipped": pipe.run.skipped_steps,
                "accuracy": trained, "ema_accuracy": averaged}
     say(f"skipped steps: {summary['skipped']} of {summary['steps']}")
     say(f"validation accuracy: {averaged:.3f} (EMA weights), {trained:.3f} (training weights)")
     pipe.close()
-    dist.destroy_process_group()
     return summary
 
 

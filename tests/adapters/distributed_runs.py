@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import runpy
 import socket
@@ -350,6 +351,7 @@ def rank_main(rank: int, folder: Path, ports: list[int]) -> None:
                             world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     for name, function in SCENARIOS.items():
         record(folder, name, rank, lambda function=function: function(rank, folder))
+    gc.collect()  # the DDP models first: see examples/distributed/train.py
     dist.destroy_process_group()
     record(folder, "example", rank, lambda: example_runs(rank, folder, ports))
 
