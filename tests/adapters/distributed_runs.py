@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+import io
 import os
 import runpy
 import socket
@@ -37,7 +38,9 @@ import steadytrain
 from steadytrain.adapters import distributed
 
 WORLD = 2
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "distributed" / "train.py"
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "distributed" / "train.py"
+GUIDE = ROOT / "docs" / "distributed.md"
 STEPS = 3
 #: Samples per optimizer step over all ranks (per micro-batch with accumulation).
 GLOBAL_BATCH = 8
@@ -329,6 +332,26 @@ def as_torchrun(rank: int, port: int) -> None:
                       MASTER_PORT=str(port))
 
 
+def guide_block() -> str:
+    """The loop of docs/distributed.md: its first Python block."""
+    text = GUIDE.read_text()
+    return text.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def guide_run(rank: int, folder: Path, port: int) -> dict:
+    """The guide's loop on this rank, as torchrun would start it, in a folder of its own."""
+    (folder / "guide").mkdir(exist_ok=True)
+    os.chdir(folder / "guide")
+    as_torchrun(rank, port)
+    printed = io.StringIO()
+    namespace: dict[str, Any] = {}
+    with contextlib.redirect_stdout(printed):
+        exec(compile(guide_block(), str(GUIDE), "exec"), namespace)
+    pipe = namespace["pipe"]
+    return {"printed": printed.getvalue(), "step": pipe.run.step,
+            "loss": namespace["metrics"]["loss/task"]}
+
+
 def example_runs(rank: int, folder: Path, ports: list[int]) -> dict:
     """The example's ``main`` as torchrun would start it: DDP and FSDP2 for two epochs, and
     FSDP2 resumed from its checkpoint after the first epoch."""
@@ -353,7 +376,8 @@ def rank_main(rank: int, folder: Path, ports: list[int]) -> None:
         record(folder, name, rank, lambda function=function: function(rank, folder))
     gc.collect()  # the DDP models first: see examples/distributed/train.py
     dist.destroy_process_group()
-    record(folder, "example", rank, lambda: example_runs(rank, folder, ports))
+    record(folder, "example", rank, lambda: example_runs(rank, folder, ports[:3]))
+    record(folder, "guide", rank, lambda: guide_run(rank, folder, ports[3]))
 
 
 def free_ports(count: int) -> list[int]:
@@ -367,7 +391,7 @@ def free_ports(count: int) -> list[int]:
 
 def launch(folder: Path) -> None:
     """Fork the ranks, wait for them (at most :data:`DEADLINE` seconds), and return."""
-    ports = free_ports(3)
+    ports = free_ports(4)
     context = mp.start_processes(rank_main, args=(folder, ports), nprocs=WORLD,
                                  start_method="fork", join=False)
     deadline = time.monotonic() + DEADLINE

@@ -15,6 +15,7 @@ from distributed_runs import (
     AGC_CONFIG,
     CONFIG,
     GLOBAL_BATCH,
+    GUIDE,
     NAN_AT,
     NAN_CONFIG,
     RESUME_AT,
@@ -201,3 +202,14 @@ def test_the_example_skips_the_nan_of_one_rank_and_resumes_exactly(ranks):
         for key in ("accuracy", "ema_accuracy"):
             assert fsdp2[key] == pytest.approx(ddp[key], abs=2 / 1024)
     assert (ranks / "fsdp2" / "epoch-1" / ".metadata").is_file()
+
+
+def test_the_guides_loop_runs_on_two_ranks_and_prints_what_the_guide_says(ranks):
+    rank_0, rank_1 = results(ranks, "guide")
+    assert rank_1["printed"] == ""
+    assert rank_0["step"] == rank_1["step"] == 8
+    assert rank_0["loss"] == rank_1["loss"]
+    line = f"8 0 {rank_0['loss']:.4f}"
+    assert rank_0["printed"] == line + "\n"
+    assert f"rank 0 alone prints `{line}`" in GUIDE.read_text().replace("\n", " ")
+    assert (ranks / "guide" / "checkpoints" / "step-8" / ".metadata").is_file()
