@@ -28,6 +28,7 @@ from distributed_runs import (
 from plain_run import (
     assert_same,
     assert_same_metrics,
+    frozen_heap,  # noqa: F401  (a fixture)
     make_model,
     make_optimizer,
     pipeline,
@@ -40,8 +41,12 @@ from steadytrain.adapters import distributed
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The folder the two ranks wrote every scenario's results to."""
+def ranks(tmp_path_factory: pytest.TempPathFactory, frozen_heap: None) -> Path:  # noqa: F811
+    """The folder the two ranks wrote every scenario's results to.
+
+    The heap is frozen before the fork: each ``gc.collect()`` of a rank (the example
+    collects its DDP model) then scans only what the rank made.
+    """
     folder = tmp_path_factory.mktemp("ranks")
     launch(folder)
     return folder
