@@ -218,3 +218,20 @@ def test_the_guides_loop_runs_on_two_ranks_and_prints_what_the_guide_says(ranks)
     assert rank_0["printed"] == line + "\n"
     assert f"rank 0 alone prints `{line}`" in GUIDE.read_text().replace("\n", " ")
     assert (ranks / "guide" / "checkpoints" / "step-8" / ".metadata").is_file()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP1 needs an accelerator")
+def test_a_model_wrapped_in_fsdp1_is_refused(tmp_path):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    torch.cuda.set_device(0)
+    torch.distributed.init_process_group("nccl", init_method=f"file://{tmp_path}/store",
+                                         rank=0, world_size=1)
+    try:
+        model = FullyShardedDataParallel(make_model().cuda())
+        refusal = r"wrapped in FullyShardedDataParallel \(FSDP1\).*fully_shard \(FSDP2\)"
+        with pytest.raises(steadytrain.ConfigError, match=refusal):
+            distributed.setup(pipeline(CONFIG), model, make_optimizer(model),
+                              total_steps=STEPS)
+    finally:
+        torch.distributed.destroy_process_group()
