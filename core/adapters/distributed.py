@@ -208,7 +208,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def setup(
     pipe: Pipeline,
     model: torch.nn.Module,
-    optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+    optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     *,
     total_steps: int | None = None,
 ) -> Pipeline:
