@@ -77,7 +77,7 @@ def _world_size() -> int:
 # -- logging ------------------------------------------------------------------------------
 
 
-def _drop_off_rank_zero(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+def _drop_unless_rank_zero(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
     if _rank() != 0:
         raise structlog.DropEvent
     return event
@@ -93,8 +93,8 @@ def log_on_rank_zero() -> None:
     ``torchrun``) before.
     """
     processors = list(structlog.get_config()["processors"])
-    if _drop_off_rank_zero not in processors:
-        structlog.configure(processors=[_drop_off_rank_zero, *processors])
+    if _drop_unless_rank_zero not in processors:
+        structlog.configure(processors=[_drop_unless_rank_zero, *processors])
 
 
 # -- the same pipeline on every rank ------------------------------------------------------------
