@@ -108,6 +108,7 @@ from typing import Any
 import attrs
 import structlog
 import torch
+from torch.distributed.tensor import DTensor
 
 import steadytrain
 from steadytrain.validators import boolean, non_negative_int, one_of, positive_int
@@ -125,11 +126,14 @@ def nonfinite_grads(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     float32 so that half-precision gradients do not overflow: a NaN or inf element makes
     its norm non-finite. The 2-norm is several times faster than a max-abs reduction on
     the CPU; the price is that a finite gradient whose 2-norm exceeds the float32 range
-    (elements around 1e19) also counts as non-finite.
+    (elements around 1e19) also counts as non-finite. Sharded gradients (DTensors, under
+    FSDP2) are checked through this rank's shards; the core shares the decision across
+    ranks.
     """
     if not grads:
         return torch.zeros((), dtype=torch.bool)
-    norms = torch._foreach_norm(list(grads), 2, dtype=torch.float32)
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    norms = torch._foreach_norm(local, 2, dtype=torch.float32)
     return ~torch.isfinite(torch.stack(norms)).all()
 
 

@@ -46,7 +46,7 @@ STEPS = 3
 GLOBAL_BATCH = 8
 #: CONFIG with a guard that checks the loss only, and an infinity-norm clipping group.
 #: Checking the loss alone makes a NaN on one rank a skip request of that rank only.
-LOSS_GUARD = {"plugin": "guard", "check_grads": False}
+LOSS_GUARD = {"plugin": "guard"}
 SHARDED_CONFIG = {
     "plugins": [
         LOSS_GUARD,
