@@ -358,6 +358,11 @@ def register(factory: type[Loss], name: str | None = None) -> None:
     registry().register(factory, name)
 
 
+def factory(name: str) -> type[Loss]:
+    """The class of loss *name*; a :class:`~steadytrain.RegistryError` if unknown or broken."""
+    return _refreshed(name).get(name)
+
+
 def get(name: str, *, where: str = "loss", **options: Any) -> Loss:
     """Loss *name* with *options*: a callable ``loss(input, target, *, reduction="mean")``.
 
@@ -372,7 +377,7 @@ def known(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
     if not isinstance(value, str):
         raise OptionError(attr.name, f"must be the name of a loss, got {value!r}")
     try:
-        _refreshed(value).get(value)
+        factory(value)
     except RegistryError as exc:
         raise OptionError(attr.name, str(exc)) from None
 
@@ -405,6 +410,7 @@ __all__ = [
     "LossRegistry",
     "SmoothL1",
     "SmoothL1MSE",
+    "factory",
     "get",
     "known",
     "names",

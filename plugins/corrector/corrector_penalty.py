@@ -83,6 +83,7 @@ Caveats
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import warnings
@@ -192,6 +193,8 @@ def _zero(x: torch.Tensor) -> torch.Tensor:
 def _elementwise_loss(loss: str, delta: float) -> steadytrain.losses.Loss:
     """The loss of steadytrain.losses that *loss* names (``area_mse``: ``mse``), with
     *delta* as its transition option when it has one."""
+    with contextlib.suppress(steadytrain.RegistryError):
+        steadytrain.losses.factory(loss)  # reads the entry points of a loss installed since
     check(loss, one_of(*_correction_losses()), "correction_losses: loss")
     name = "mse" if loss == AREA_MSE else loss
     transition = steadytrain.losses.registry().get(name).transition
@@ -401,23 +404,29 @@ def _correction_losses() -> list[str]:
 
 
 def _loss_type(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
+    if value == AREA_MSE:
+        return
     if value in RELATIVE_LOSSES:
         raise steadytrain.OptionError(
             attr.name,
             f"{value!r} is a relative norm ‖x−y‖/‖y‖, but the target of this penalty is zero "
-            "(the correction post − pre is compared with 0), so it would divide by zero; "
-            f"use one of {', '.join(map(repr, _correction_losses()))}",
+            "(the correction post − pre is compared with 0), so it would divide by zero; the "
+            f"loss must be one of {', '.join(map(repr, _correction_losses()))}",
         )
-    if value != AREA_MSE and isinstance(value, str) and value in steadytrain.losses.registry():
-        steadytrain.losses.known(_inst, attr, value)  # a broken loss says why
-        if not steadytrain.losses.registry().get(value).elementwise:
-            raise steadytrain.OptionError(
-                attr.name,
-                f"{value!r} compares whole vectors, but each correction is compared with 0, "
-                f"cell by cell; use one of {', '.join(map(repr, _correction_losses()))}",
-            )
-        return
-    one_of(*_correction_losses())(_inst, attr, value)
+    try:
+        elementwise = steadytrain.losses.factory(value).elementwise
+    except steadytrain.RegistryError as exc:
+        if isinstance(value, str) and value in steadytrain.losses.registry():
+            raise steadytrain.OptionError(attr.name, str(exc)) from None  # broken: say why
+        one_of(*_correction_losses())(_inst, attr, value)
+        raise
+    if not elementwise:
+        raise steadytrain.OptionError(
+            attr.name,
+            f"{value!r} compares whole vectors, but each correction is compared with 0, "
+            f"cell by cell; the loss must be one of "
+            f"{', '.join(map(repr, _correction_losses()))}",
+        )
 
 
 def _load_table(path: str, owner: str) -> Any:
