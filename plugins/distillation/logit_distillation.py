@@ -177,11 +177,6 @@ class LogitDistillation(steadytrain.Plugin):
     @steadytrain.hookimpl
     def setup(self, run: steadytrain.Run) -> None:
         self._teacher.check()
-        if run.total_steps is None and self.temperature.needs_progress:
-            raise steadytrain.ConfigError(
-                f"{self.id}.temperature: the {self.temperature.kind} schedule follows the run's "
-                "progress; pass total_steps to setup() or give the schedule horizon_steps"
-            )
         if self.config.targets_key is not None and self.config.ignore_index is None:
             raise steadytrain.ConfigError(
                 f"{self.id}.targets_key: the targets are only read to mask ignore_index, "
