@@ -256,3 +256,20 @@ def test_in_process_registration_and_its_refusals(site):
         losses.register(Cubic)
     with raises(RegistryError, "cannot register loss 'x'", "Loss subclass"):
         losses.register(object, name="x")
+
+
+def test_the_third_party_loss_of_the_losses_page_works(monkeypatch):
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "losses.md").read_text()
+    (source,) = [b for b in re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
+                 if "class LogCosh" in b]
+    namespace: dict = {}
+    exec(compile(source, "docs/losses.md", "exec"), namespace)
+    monkeypatch.setattr(losses, "_registry", losses.LossRegistry.discover(autoload=False))
+    losses.register(namespace["LogCosh"])
+    x, y = pair()
+    torch.testing.assert_close(losses.get("log_cosh")(x, y), torch.log(torch.cosh(x - y)).mean())
+    with raises(ConfigError, "loss 'log_cosh': scale: must be a positive number"):
+        losses.get("log_cosh", scale=0.0)
