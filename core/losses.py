@@ -189,35 +189,34 @@ class Cosine(Loss):
 
 @attrs.define(eq=False)
 class LossEntry:
-    """One loss name: where it comes from and, once loaded, its class or its error."""
+    """One loss name: its entry point (``None`` when registered in-process) and, once
+    loaded, its class or why it is broken."""
 
     name: str
-    distribution: str | None = None
-    version: str | None = None
-    entry_point: str | None = None
-    _factory: type[Loss] | None = None
-    _entry: metadata.EntryPoint | None = None
+    entry: metadata.EntryPoint | None = None
+    factory: type[Loss] | None = None
     error: str | None = None
 
     @property
     def origin(self) -> str:
-        if self.entry_point is None:
+        if self.entry is None:
             return "registered in-process"
-        return (f"entry point {self.name} = {self.entry_point!r} of distribution "
-                f"{self.distribution} {self.version}")
+        dist = self.entry.dist
+        return (f"entry point {self.name} = {self.entry.value!r} of distribution "
+                f"{dist.name} {dist.version}")
 
     def load(self) -> type[Loss]:
         """The loss class; a :class:`RegistryError` naming the origin if it is broken."""
-        if self._factory is None and self.error is None:
+        if self.factory is None and self.error is None:
             try:
-                self._factory = _validate(self._entry.load(), self.name)
+                self.factory = _validate(self.entry.load(), self.name)
             except RegistryError as exc:
                 self.error = str(exc)
             except Exception as exc:  # a third-party import may raise anything
                 self.error = f"import failed: {type(exc).__name__}: {exc}"
         if self.error is not None:
             raise RegistryError(f"loss {self.name!r} ({self.origin}) is broken: {self.error}")
-        return self._factory
+        return self.factory
 
 
 def _validate(factory: object, name: str) -> type[Loss]:
@@ -249,26 +248,16 @@ class LossRegistry:
         """
         if autoload is None:
             autoload = not os.environ.get(AUTOLOAD_ENV)
+        claims: dict[str, list[metadata.EntryPoint]] = {}
+        for ep in metadata.entry_points(group=GROUP):
+            if autoload or ep.dist.name == OWN_DISTRIBUTION:
+                claims.setdefault(ep.name, []).append(ep)
         registry = cls()
-        claims: dict[str, list[LossEntry]] = {}
-        seen: set[tuple[str, str, str]] = set()
-        for dist in metadata.distributions():
-            dist_name = dist.metadata["Name"] or "?"
-            if not autoload and dist_name != OWN_DISTRIBUTION:
-                continue
-            for ep in dist.entry_points.select(group=GROUP):
-                marker = (ep.name, ep.value, dist_name)
-                if marker in seen:  # the same distribution found twice on the path
-                    continue
-                seen.add(marker)
-                claims.setdefault(ep.name, []).append(
-                    LossEntry(ep.name, dist_name, dist.version, ep.value, entry=ep))
-        for name, entries in claims.items():
-            if len(entries) > 1:
-                owners = " and ".join(f"{e.distribution} {e.version} ({e.entry_point})"
-                                      for e in entries)
-                entries[0].error = f"the name is claimed by several distributions: {owners}"
-            registry._entries[name] = entries[0]
+        for name, eps in claims.items():
+            entry = registry._entries[name] = LossEntry(name, eps[0])
+            if len(eps) > 1:
+                entry.error = "the name is claimed by several distributions: " + " and ".join(
+                    f"{ep.dist.name} {ep.dist.version} ({ep.value})" for ep in eps)
         return registry
 
     def register(self, factory: type[Loss], name: str | None = None) -> None:
@@ -342,7 +331,7 @@ def _refreshed(name: str) -> LossRegistry:
         return current
     fresh = LossRegistry.discover()
     for key, entry in current._entries.items():
-        if entry.entry_point is None and key not in fresh:
+        if entry.entry is None and key not in fresh:
             fresh._entries[key] = entry
     _registry = fresh
     return fresh

@@ -134,7 +134,7 @@ def test_the_built_ins_are_entry_points_of_steadytrain():
     registry = losses.LossRegistry.discover(autoload=False)
     assert registry.names() == ["cosine", "focal_mse", "huber", "l1", "mse", "smooth_l1",
                                 "smooth_l1_mse"]
-    assert all(registry._entries[n].distribution == "steadytrain" for n in registry.names())
+    assert all(registry._entries[n].entry.dist.name == "steadytrain" for n in registry.names())
 
 
 # -- third-party losses -----------------------------------------------------------------

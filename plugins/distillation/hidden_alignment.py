@@ -116,7 +116,7 @@ def layer_loss(
     """
     s, t = at_least_float32(student), at_least_float32(teacher.detach())
     size = magnitude(s, t)
-    distance = steadytrain.losses.get("cosine")(s, t)
+    distance = steadytrain.losses.Cosine()(s, t)
     return mse_weight * size + cosine_weight * distance, size, 1 - distance
 
 
