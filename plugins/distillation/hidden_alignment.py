@@ -163,11 +163,6 @@ def _some_weight(inst: Any, attr: attrs.Attribute, value: float) -> None:
             "weight > 0")
 
 
-def _selects_nothing(selection: steadytrain.VariableFilter) -> bool:
-    """Whether the patterns select nothing whatever the names are."""
-    return not selection.include or any(set(p) == {"*"} for p in selection.exclude)
-
-
 class HiddenAlignment(steadytrain.Plugin):
     """Align the student's hidden states with a frozen teacher's, layer by layer (MSE + cosine)."""
 
@@ -246,13 +241,6 @@ class HiddenAlignment(steadytrain.Plugin):
             names = cfg.layers
         if names is not None:
             self._resolve(tuple(names))
-        elif _selects_nothing(self.filter):
-            raise steadytrain.FilterError(
-                f"{self.id}: include {list(self.filter.include)} and exclude "
-                f"{list(self.filter.exclude)} select none of the layers, whatever their names, "
-                "so the instance would act on nothing; widen include or narrow exclude, or "
-                "remove the instance"
-            )
         if cfg.weighting in LEARNABLE:
             if names is None:
                 raise steadytrain.ConfigError(

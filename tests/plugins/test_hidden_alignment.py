@@ -511,8 +511,8 @@ def test_layers_with_student_taps_is_an_error():
 
 
 def test_patterns_that_can_select_no_layer_are_an_error_at_setup():
-    with raises(FilterError, "align: include [] and exclude [] select none of the layers, "
-                "whatever their names"):
+    with raises(FilterError, "align: include [] and exclude [] select none of the names, "
+                "whatever they are"):
         set_up(HiddenAlignment(id="align", include=[]))
 
 
