@@ -42,6 +42,7 @@ CONFIG = {
             "kind": "cosine_warmup", "start": 3.0, "value": 1.0, "warmup_steps": 10}},
         {"plugin": "gradient_penalty", "mode": "wgan_gp"},
         {"plugin": "l2_sp"},
+        {"plugin": "z_loss"},
     ]
 }
 

@@ -45,7 +45,7 @@ import steadytrain
 
 from .accelerate import step_optimizer
 
-__all__ = ["CLIPPING_PLUGINS", "STATE_FILE", "SteadytrainCallback", "SteadytrainMixin",
+__all__ = ["STATE_FILE", "SteadytrainCallback", "SteadytrainMixin",
            "SteadytrainTrainer"]
 
 if not hasattr(Trainer, "loss_is_scaled_for_ga"):
@@ -56,19 +56,11 @@ if not hasattr(Trainer, "loss_is_scaled_for_ga"):
 
 #: The pipeline's state inside each of the Trainer's checkpoint folders.
 STATE_FILE = "steadytrain.pt"
-#: Built-in plugins that rescale gradients in ``after_backward``.
-CLIPPING_PLUGINS = ("grad_clip",)
-
-
-def _term_plugins(pipeline: steadytrain.Pipeline) -> list[str]:
-    return [key for key, plugin in pipeline.plugins.items()
-            if callable(getattr(plugin, "compute_regularizers", None))]
 
 
 def _check_arguments(pipeline: steadytrain.Pipeline, args: TrainingArguments) -> None:
     """Raise :class:`steadytrain.ConfigError` for training arguments that defeat a plugin."""
-    clippers = [key for key, plugin in pipeline.plugins.items()
-                if getattr(plugin, "name", None) in CLIPPING_PLUGINS]
+    clippers = list(pipeline.gradient_rescalers)
     if clippers and args.max_grad_norm and args.max_grad_norm > 0:
         raise steadytrain.ConfigError(
             f"TrainingArguments.max_grad_norm is {args.max_grad_norm} (1.0 unless set) and "
@@ -207,7 +199,7 @@ class SteadytrainCallback(TrainerCallback):
                               control: TrainerControl, **kwargs: Any) -> None:
         pipe = self.pipeline
         if self._micro_batch == 0:
-            terms = _term_plugins(pipe)
+            terms = list(pipe.term_plugins)
             what = (f"plugin instance(s) {', '.join(map(repr, terms))} would train without "
                     "their terms" if terms else "the plugins would see no loss")
             raise steadytrain.UsageError(
