@@ -345,10 +345,19 @@ class GradClip(steadytrain.Plugin):
             limits = self._max_norms
             if self.config.mode == "adaptive":
                 limits = self._adaptive_limits(norms)
-            for index, params in enumerate(self.params):
-                torch.nn.utils.clip_grads_with_norm_(params, limits[index], norms[index],
-                                                     foreach=True)
-            after = norms * clip_coefficients(norms, limits)
+                coefficients = clip_coefficients(norms, limits)
+                # The thresholds are device tensors: clip_grads_with_norm_ would read each
+                # on the host, so the group is scaled by its coefficient directly.
+                for group_grads, coefficient in zip(grads, coefficients, strict=True):
+                    if group_grads:
+                        torch._foreach_mul_([_local(g) for g in group_grads], coefficient)
+            else:
+                coefficients = clip_coefficients(norms, limits)
+                for group, params, norm in zip(self.groups, self.params, norms, strict=True):
+                    # max_norm as a Python float: torch reads a tensor threshold on the host
+                    torch.nn.utils.clip_grads_with_norm_(params, group.max_norm, norm,
+                                                         foreach=True)
+            after = norms * coefficients
         for index, group in enumerate(self.groups):
             ctx.log(f"{group.name}/pre_norm", norms[index])
             ctx.log(f"{group.name}/post_norm", after[index])

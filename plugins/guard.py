@@ -102,13 +102,13 @@ Caveats
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
 import structlog
 import torch
-from torch.distributed.tensor import DTensor
 
 import steadytrain
 from steadytrain.validators import boolean, non_negative_int, one_of, positive_int
@@ -132,7 +132,10 @@ def nonfinite_grads(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     if not grads:
         return torch.zeros((), dtype=torch.bool)
-    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    # DTensor exists only once something imported torch.distributed.tensor (importing it
+    # here would cost seconds for every run that does not shard).
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", ())
+    local = [g.to_local() if isinstance(g, dtensor) else g for g in grads]
     norms = torch._foreach_norm(local, 2, dtype=torch.float32)
     return ~torch.isfinite(torch.stack(norms)).all()
 
