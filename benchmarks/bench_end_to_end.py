@@ -464,6 +464,11 @@ def main() -> None:
             "phases_ms": dict(zip(PHASES, phases, strict=True)), "steps_gpu_ms": steps_gpu}
         print(f"{mode:9}{name:10}{step:9.3f}{step / hand:8.4f}{host_step:9.3f}"
               + "".join(f"{v:13.3f}" for v in phases) + f"{sync:7.2f}")
+    if "compiled" in modes:
+        from torch._dynamo.utils import counters
+        print(f"torch.compile: {counters['stats']['unique_graphs']} graphs, "
+              f"{sum(counters['graph_break'].values())} graph breaks, "
+              f"{sum(counters['recompiles'].values())} recompiles")
     if args.profile and device.type == "cuda":
         profile([variants["eager", n] for n in args.variants], batches)
     if args.json:
