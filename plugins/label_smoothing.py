@@ -52,6 +52,12 @@ Caveats
     Targets that are checked only on the first step (``check = "auto"`` on an
     accelerator) can still go out of range later, where the host's own
     ``F.cross_entropy`` fails on them too.
+    On logits that a model made (not a leaf tensor) the term registers a hook on them:
+    its backward hands the autograd engine the share of the gradient that every class
+    gets as a broadcast, and the hook adds the target classes' share into the summed
+    gradient in place, so the gradient costs one pass over the logits' gradient, as with
+    torch's own ``label_smoothing=`` (docs/benchmarks.md). A hook that the host registers
+    on the logits before the term is computed sees their gradient without that share.
 """
 
 from __future__ import annotations
