@@ -28,6 +28,7 @@ import torch
 from ._version import __version__
 from .config import DISABLE_ENV, load_config, option_table
 from .errors import ConfigError, SteadytrainError, suggest
+from .experiments.commands import add_commands
 from .hook_table import implemented_hooks
 from .pipeline import Pipeline
 from .registry import Registry
@@ -187,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--model", metavar="module:callable",
                        help="build the model with this callable and resolve the filters")
     check.set_defaults(func=cmd_check)
+    add_commands(sub)
     return parser
 
 
