@@ -278,6 +278,11 @@ def survives_two_instances(plugin: type, fixture: Fixture, device: torch.device)
     both = _start(plugin, fixture, device, *(_entry(plugin, fixture, id) for id in ids))
     both.train(data)
     metrics = both.pipe.metrics()
+    foreign = sorted(n for n in metrics if not n.startswith("loss/")
+                     and not any(_metric_names({n: 0.0}, id) for id in ids))
+    if foreign:
+        _fail(f"metrics {foreign} belong to no instance, so two instances write into one "
+              "metric: record metrics with ctx.log (or run.log), which names them by the id")
     for id in ids:
         names = _metric_names(metrics, id)
         if names != expected:
