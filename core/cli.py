@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 import torch
 
+from . import trace
 from ._version import __version__
 from .config import DISABLE_ENV, load_config, option_table
 from .errors import ConfigError, SteadytrainError, suggest
@@ -175,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="no:NAME", help="leave out a plugin or instance (repeatable)")
     parser.add_argument("--no-autoload", action="store_true",
                         help="read only the built-in plugins, not third-party entry points")
+    parser.add_argument("--trace", action="store_true",
+                        help=f"log every hook call (sets {trace.TRACE_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     plugins = sub.add_parser("plugins", help="list the discovered plugins")
     plugins.add_argument("--json", action="store_true", help="print JSON")
@@ -193,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _log_to_stderr()
+    if args.trace:
+        os.environ[trace.TRACE_ENV] = "1"
     try:
         return args.func(args)
     except SteadytrainError as exc:
