@@ -90,10 +90,10 @@ class LossComposer:
                 "compute_loss() got no task loss and no plugin returned a term; pass the "
                 "host's loss"
             )
-        if loss_scale != 1.0:
-            total = total * loss_scale
+        # Recorded before the accumulation scaling: comparable with loss/task, and the same
+        # whether the host or the pipeline divides by the number of micro-batches.
         staged.append(("loss/total", total))
-        return total
+        return total * loss_scale if loss_scale != 1.0 else total
 
     def _check_term(
         self, key: str, term: str, value: Any, task_loss: torch.Tensor | None, step: int

@@ -138,8 +138,8 @@ def _hold_step(
     return False
 
 
-def _loss_plugins(pipeline: Pipeline) -> list[str]:
-    """Ids of the instances that read the loss or add terms to it (``compute_regularizers``)."""
+def _term_plugins(pipeline: Pipeline) -> list[str]:
+    """Ids of the instances that add terms to the loss (``compute_regularizers``)."""
     return [key for key, plugin in pipeline.plugins.items()
             if callable(getattr(plugin, "compute_regularizers", None))]
 
@@ -221,7 +221,7 @@ class PipelineCallback(pl.Callback):
             optimizers, total = (), self._total_steps or max(pipeline.run.step, 1)
         pipeline.setup(module, optimizers, total_steps=total)
         self._pipeline, self._stage = pipeline, stage
-        self._needs_loss = _loss_plugins(pipeline)
+        self._term_ids = _term_plugins(pipeline)
         self._graph_checked = False
         return pipeline
 
@@ -261,11 +261,11 @@ class PipelineCallback(pl.Callback):
                 f"PipelineCallback runs in one process; this Trainer has world_size "
                 f"{trainer.world_size}. Train with devices=1"
             )
-        needs_loss = _loss_plugins(pipeline)
-        if needs_loss and not isinstance(module, PipelineLossMixin):
+        adders = _term_plugins(pipeline)
+        if adders and not isinstance(module, PipelineLossMixin):
             raise UsageError(
-                f"{type(module).__name__}: plugin instance(s) {', '.join(needs_loss)} need the "
-                "loss, but the module cannot hand it over: subclass PipelineLossMixin and "
+                f"{type(module).__name__}: plugin instance(s) {', '.join(adders)} add terms "
+                "to the loss, but the module cannot take them: subclass PipelineLossMixin and "
                 "return self.pipeline_loss(task_loss, outputs=...) from training_step"
             )
         clip = trainer.gradient_clip_val
@@ -346,11 +346,11 @@ class PipelineCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
         if self._loss is None:
-            if self._needs_loss:
+            if self._term_ids:
                 raise UsageError(
                     f"{type(pl_module).__name__}.training_step did not call "
                     f"self.pipeline_loss() at step {self.pipeline.run.step}: plugin "
-                    f"instance(s) {', '.join(self._needs_loss)} would run without their terms. "
+                    f"instance(s) {', '.join(self._term_ids)} would run without their terms. "
                     "Return self.pipeline_loss(task_loss, outputs=...) from training_step"
                 )
         elif not self._graph_checked:

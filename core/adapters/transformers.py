@@ -55,13 +55,11 @@ if not hasattr(Trainer, "loss_is_scaled_for_ga"):
 STATE_FILE = "steadytrain.pt"
 #: Built-in plugins that rescale gradients in ``after_backward``.
 CLIPPING_PLUGINS = ("grad_clip",)
-#: Hooks that only run when the loss goes through the pipeline.
-LOSS_HOOKS = ("before_step", "compute_regularizers")
 
 
-def _instances_with(pipeline: steadytrain.Pipeline, hooks: tuple[str, ...]) -> list[str]:
+def _term_plugins(pipeline: steadytrain.Pipeline) -> list[str]:
     return [key for key, plugin in pipeline.plugins.items()
-            if any(callable(getattr(plugin, hook, None)) for hook in hooks)]
+            if callable(getattr(plugin, "compute_regularizers", None))]
 
 
 def check_arguments(pipeline: steadytrain.Pipeline, args: TrainingArguments) -> None:
@@ -206,16 +204,15 @@ class SteadytrainCallback(TrainerCallback):
                               control: TrainerControl, **kwargs: Any) -> None:
         pipe = self.pipeline
         if self._micro_batch == 0:
-            needy = _instances_with(pipe, LOSS_HOOKS)
-            if needy:
-                raise steadytrain.UsageError(
-                    f"optimizer step {state.global_step}: no micro-batch went through the "
-                    f"pipeline's loss, but plugin instance(s) {', '.join(map(repr, needy))} "
-                    "work on it; their terms would be missing. Put SteadytrainMixin first "
-                    "among the Trainer's bases and call super().compute_loss() from any "
-                    "compute_loss you write"
-                )
-            pipe.before_step()
+            terms = _term_plugins(pipe)
+            what = (f"plugin instance(s) {', '.join(map(repr, terms))} would train without "
+                    "their terms" if terms else "the plugins would see no loss")
+            raise steadytrain.UsageError(
+                f"optimizer step {state.global_step}: no micro-batch went through the "
+                f"pipeline's loss, so {what}. Put SteadytrainMixin first among the "
+                "Trainer's bases and call super().compute_loss() from any compute_loss you "
+                "write"
+            )
         self._micro_batch = None
         self._outcome = pipe.after_backward()
 
