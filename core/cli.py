@@ -4,11 +4,14 @@
     steadytrain config NAME           a plugin's options with their defaults, as TOML
     steadytrain check FILE [--model module:callable]
                                       validate a config file without training
+    steadytrain new-plugin NAME [--dir D]
+                                      write a new plugin distribution to start from
 
 ``-p no:NAME`` (repeatable) and the environment variable ``STEADYTRAIN_DISABLE`` leave a
 plugin or instance out, and ``--no-autoload`` reads only the built-in plugins, like
-pytest's ``-p no:NAME`` and ``PYTEST_DISABLE_PLUGIN_AUTOLOAD``. Logs (structlog events) go
-to standard error; standard output carries only the command's result.
+pytest's ``-p no:NAME`` and ``PYTEST_DISABLE_PLUGIN_AUTOLOAD``; ``--trace`` logs every
+hook call. Logs (structlog events) go to standard error; standard output carries only the
+command's result.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 import structlog
 import torch
 
-from . import trace
+from . import scaffold, trace
 from ._version import __version__
 from .config import DISABLE_ENV, load_config, option_table
 from .errors import ConfigError, SteadytrainError, suggest
@@ -190,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--model", metavar="module:callable",
                        help="build the model with this callable and resolve the filters")
     check.set_defaults(func=cmd_check)
+    new = sub.add_parser("new-plugin", help="write a new plugin distribution to start from")
+    new.add_argument("name")
+    new.add_argument("--dir", default=".", help="where to write it (default: here)")
+    new.set_defaults(func=scaffold.cmd_new_plugin)
     return parser
 
 
