@@ -37,8 +37,9 @@ def cases():
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize(("name", "check"), cases())
-def test_every_discovered_plugin_passes_the_conformance_kit(name, check):
-    run_check(check, REGISTRY.get(name))
+def test_every_discovered_plugin_passes_the_conformance_kit(name, check, request):
+    device = request.config.getoption("conformance_device", default="cpu")
+    run_check(check, REGISTRY.get(name), device=device)
 
 
 def test_every_built_in_is_in_the_kit_run():
