@@ -289,9 +289,11 @@ def survives_two_instances(plugin: type, fixture: Fixture, device: torch.device)
             _fail(f"instance {id!r} records {sorted(names)}, a single instance records "
                   f"{sorted(expected)}: record metrics with ctx.log, which names them by ctx.id")
     first, second = (both.pipe.plugins[id] for id in ids)
-    shared = {t.data_ptr() for t in _tensors(first.state_dict()) if t.numel()} & {
-        t.data_ptr() for t in _tensors(second.state_dict()) if t.numel()}
-    if shared:
+    # Both states stay alive while compared: a freed copy's memory may hold the next one.
+    states = first.state_dict(), second.state_dict()
+    storages = [{t.untyped_storage().data_ptr() for t in _tensors(s) if t.numel()}
+                for s in states]
+    if storages[0] & storages[1]:
         _fail("the two instances share state tensors: create state in __init__ or setup, "
               "not as class attributes")
     state = both.checkpoint()
