@@ -32,6 +32,7 @@ from . import scaffold, trace
 from ._version import __version__
 from .config import DISABLE_ENV, load_config, option_table
 from .errors import ConfigError, SteadytrainError, suggest
+from .experiments.commands import add_commands
 from .hook_table import implemented_hooks
 from .pipeline import Pipeline
 from .registry import Registry
@@ -193,10 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--model", metavar="module:callable",
                        help="build the model with this callable and resolve the filters")
     check.set_defaults(func=cmd_check)
-    new = sub.add_parser("new-plugin", help="write a new plugin distribution to start from")
-    new.add_argument("name")
-    new.add_argument("--dir", default=".", help="where to write it (default: here)")
-    new.set_defaults(func=scaffold.cmd_new_plugin)
+    add_commands(sub)
+    scaffold.add_command(sub)
     return parser
 
 

@@ -150,6 +150,22 @@ class Pipeline:
         return dict(self._hooks.instances)
 
     @property
+    def term_plugins(self) -> tuple[str, ...]:
+        """Ids of the instances that return loss terms (implement ``compute_regularizers``)."""
+        return self._term_plugins
+
+    @property
+    def gradient_rescalers(self) -> tuple[str, ...]:
+        """Ids of the instances that rescale gradients (``rescales_gradients``: clipping)."""
+        return tuple(key for key, plugin in self._hooks.instances.items()
+                     if getattr(plugin, "rescales_gradients", False))
+
+    @property
+    def in_step(self) -> bool:
+        """Whether a step is open (between ``before_step`` and ``consolidate``)."""
+        return self._ctx is not None
+
+    @property
     def needs_create_graph(self) -> bool:
         """Whether the host must call ``backward(create_graph=True)``."""
         return any(getattr(p, "needs_create_graph", False)

@@ -14,6 +14,7 @@ import keyword
 import re
 from pathlib import Path
 from string import Template
+from typing import Any
 
 from ._version import __version__
 from .errors import ConfigError
@@ -206,3 +207,11 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
     folder = new_plugin(args.name, args.dir)
     print(f"wrote {folder}: cd {folder} && pip install -e '.[test]' && pytest")
     return 0
+
+
+def add_command(commands: Any) -> None:
+    """Add ``new-plugin`` to the ``steadytrain`` command's subcommands."""
+    new = commands.add_parser("new-plugin", help="write a new plugin distribution to start from")
+    new.add_argument("name")
+    new.add_argument("--dir", default=".", help="where to write it (default: here)")
+    new.set_defaults(func=cmd_new_plugin)

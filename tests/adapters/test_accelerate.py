@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,14 @@ import torch
 pytest.importorskip("accelerate")
 
 from accelerate import Accelerator, debug_launcher
+from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration
 from plain_run import (
     CONFIG,
     assert_same,
     assert_same_metrics,
+    batches,
     frozen_heap,  # noqa: F401  (a fixture)
     make_model,
     make_optimizer,
@@ -31,6 +34,7 @@ from plain_run import (
 )
 from torch.multiprocessing import start_processes
 
+import steadytrain
 from steadytrain.adapters.accelerate import step_optimizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,10 +91,8 @@ def train(
     torch.save(result, out.with_suffix(f".{accelerator.process_index}"))
 
 
-def launch(processes: int, data: list[dict], out: Path, **options: Any) -> list:
-    """Run :func:`train` in *processes* forked processes; what each rank trained (a rank
-    that is not part of the process group would overwrite rank 0's file and leave its own
-    missing)."""
+def forked(function: Callable[[], None], processes: int = 1) -> None:
+    """Run *function* in *processes* forked processes (two or more: a gloo process group)."""
 
     def run(*_index: int) -> None:
         # A forked child must not enter OpenMP's thread pool, which the parent may have
@@ -101,12 +103,19 @@ def launch(processes: int, data: list[dict], out: Path, **options: Any) -> list:
         # this run's (transformers resets it the same way).
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-        train(data, out, **options)
+        function()
 
     if processes == 1:
         start_processes(run, nprocs=1, start_method="fork")
     else:
         debug_launcher(run, num_processes=processes)
+
+
+def launch(processes: int, data: list[dict], out: Path, **options: Any) -> list:
+    """Run :func:`train` in *processes* forked processes; what each rank trained (a rank
+    that is not part of the process group would overwrite rank 0's file and leave its own
+    missing)."""
+    forked(lambda: train(data, out, **options), processes)
     return [torch.load(out.with_suffix(f".{rank}"), weights_only=False)
             for rank in range(processes)]
 
@@ -164,6 +173,67 @@ def test_a_short_last_window_is_one_step_of_fewer_micro_batches(tmp_path):
     (got,) = launch(1, data, tmp_path / "run")
     assert len(got.metrics) == 3
     assert int(got.optimizer["0.step"]) == 3
+
+
+class SkipSecondStep(steadytrain.Plugin):
+    """Asks to skip step 1 although its gradients are finite."""
+
+    name = "skip_second_step"
+
+    @steadytrain.hookimpl
+    def after_backward(self, ctx):
+        ctx.request_skip("test", when=torch.tensor(ctx.step == 1))
+
+
+def scaled_run(adapter: bool, fused: bool) -> tuple[list[dict], list[float], list[bool]]:
+    """Four steps under a CPU GradScaler, a NaN in step 2: the weights, the scale and
+    Accelerate's ``step_was_skipped`` after each step. Through this module's
+    step_optimizer on Accelerate's optimizer wrapper, or through the core's with the
+    scaler."""
+    Accelerator(cpu=True)  # the state its optimizer wrapper reads; fp16 needs a GPU
+    model = make_model()
+    optimizer = make_optimizer(model, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1)
+    stepped = AcceleratedOptimizer(optimizer, device_placement=False, scaler=scaler)
+    pipe = pipeline({"plugins": [{"plugin": "guard"}]})
+    pipe.register(SkipSecondStep())
+    pipe.setup(model, optimizer, total_steps=4)
+    weights, scales, reported = [], [], []
+    for batch in batches(samples(16, nan_at=2 * 4), 4):
+        pipe.before_step(batch=batch, targets=batch["labels"])
+        scaler.scale(pipe.compute_loss(model(**batch)["loss"])).backward()
+        scaler.unscale_(optimizer)
+        outcome = pipe.after_backward()
+        if adapter:
+            step_optimizer(stepped, outcome)
+        else:
+            steadytrain.step_optimizer(optimizer, outcome, scaler=scaler)
+            scaler.update()
+        pipe.consolidate()
+        optimizer.zero_grad()
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+        scales.append(scaler.get_scale())
+        reported.append(stepped.step_was_skipped)
+    return weights, scales, reported
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_under_a_grad_scaler_a_skip_is_the_core_loops_and_accelerate_reports_it(fused):
+    def check() -> None:
+        weights, scales, reported = scaled_run(adapter=True, fused=fused)
+        want_weights, want_scales, _ = scaled_run(adapter=False, fused=fused)
+        for got, want in zip(weights, want_weights, strict=True):
+            assert_same(got, want)
+        assert_same(weights[1], weights[0])  # the requested skip
+        assert_same(weights[2], weights[1])  # the NaN
+        assert not torch.equal(weights[3]["head.weight"], weights[2]["head.weight"])
+        # Each skip backs the scale off, as an overflow does; otherwise it grows.
+        assert scales == want_scales == [512.0, 256.0, 128.0, 256.0]
+        # Accelerate tells a skipped step by the optimizer's step not being called; a
+        # fused optimizer is called and skips on the device.
+        assert reported == ([False] * 4 if fused else [False, True, True, False])
+
+    forked(check)
 
 
 @pytest.mark.slow

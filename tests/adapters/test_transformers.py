@@ -212,6 +212,26 @@ def test_a_nan_batch_is_skipped_as_in_the_plain_loop(tmp_path, fused):
     assert_same(got.optimizer, want.optimizer)
 
 
+class OwnScheduler(SteadytrainTrainer):
+    """Makes its scheduler without the Trainer's create_scheduler."""
+
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
+        return self.lr_scheduler
+
+
+# The scheduler wrapped optimizer.step() before the adapter could: torch says so, once.
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_a_skip_is_honoured_when_a_subclass_makes_its_own_scheduler(tmp_path):
+    data = samples(nan_at=2 * BATCH + 1)
+    trainer = build(tmp_path, data, max_steps=4, trainer_class=OwnScheduler,
+                    pipe=pipeline(CONFIG))
+    trainer.train()
+    assert trainer.pipeline.run.skipped_steps == 1
+    assert_same(trainer.model.state_dict(),
+                train_plain(data, steps=4, batch_size=BATCH).weights)
+
+
 def test_a_skipped_step_changes_neither_weights_nor_optimizer_state(tmp_path):
     data = samples(nan_at=2 * BATCH)
     before = build(tmp_path / "before", data, max_steps=2,

@@ -1,8 +1,4 @@
-import importlib.util
 import json
-import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +15,6 @@ from steadytrain.plugins.corrector.corrector_penalty import (
     corrector_penalty,
     record_corrections,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def clamp_corrector(fields):
@@ -589,32 +583,6 @@ def test_loading_a_foreign_state_is_an_error():
     plugin = CorrectorPenalty(CorrectorPenalty.Config())
     with pytest.raises(steadytrain.CheckpointError, match=r"\[.shadow.\], expected \[.epoch_count"):
         plugin.load_state_dict({"shadow": torch.zeros(1)})
-
-
-# -- the example -----------------------------------------------------------------------------
-
-
-def test_emulator_example_runs_with_tiny_settings(tmp_path):
-    path = ROOT / "examples" / "emulator" / "train.py"
-    spec = importlib.util.spec_from_file_location("emulator_train", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    rows = module.main(["--tiny", "--weights", "0", "1", "--out", str(tmp_path)])
-    assert [r["weight"] for r in rows] == [0.0, 1.0]
-    assert all(math.isfinite(r["val_rmse"]) and r["correction"] >= 0 for r in rows)
-
-
-def test_emulator_example_refuses_a_plot_without_matplotlib_before_training(
-    monkeypatch, capsys
-):
-    path = ROOT / "examples" / "emulator" / "train.py"
-    spec = importlib.util.spec_from_file_location("emulator_train", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
-    with pytest.raises(SystemExit):
-        module.main(["--tiny", "--plot", "sweep.png"])
-    assert "--plot needs matplotlib: pip install 'steadytrain[plots]'" in capsys.readouterr().err
 
 
 def test_later_steps_may_carry_a_subset_of_the_first_steps_variables():
