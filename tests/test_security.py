@@ -15,7 +15,6 @@ import torch
 from expect import raises
 
 from steadytrain import CheckpointError, ConfigError, Pipeline, SteadytrainError, load_config
-from steadytrain.testing.session import round_trip
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +93,6 @@ def test_state_that_weights_only_loading_would_refuse_is_refused_when_saved(mode
     pipe.setup(model, None)
     with raises(CheckpointError, "plugin instance 'keeps'", "torch.load(weights_only=True)"):
         pipe.state_dict()
-    assert round_trip({"tensor": torch.ones(2)})["tensor"].tolist() == [1.0, 1.0]
 
 
 def _calls(path):
