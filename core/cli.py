@@ -4,11 +4,14 @@
     steadytrain config NAME           a plugin's options with their defaults, as TOML
     steadytrain check FILE [--model module:callable]
                                       validate a config file without training
+    steadytrain new-plugin NAME [--dir D]
+                                      write a new plugin distribution to start from
 
 ``-p no:NAME`` (repeatable) and the environment variable ``STEADYTRAIN_DISABLE`` leave a
 plugin or instance out, and ``--no-autoload`` reads only the built-in plugins, like
-pytest's ``-p no:NAME`` and ``PYTEST_DISABLE_PLUGIN_AUTOLOAD``. Logs (structlog events) go
-to standard error; standard output carries only the command's result.
+pytest's ``-p no:NAME`` and ``PYTEST_DISABLE_PLUGIN_AUTOLOAD``; ``--trace`` logs every
+hook call. Logs (structlog events) go to standard error; standard output carries only the
+command's result.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import structlog
 import torch
 
+from . import scaffold, trace
 from ._version import __version__
 from .config import DISABLE_ENV, load_config, option_table
 from .errors import ConfigError, SteadytrainError, suggest
@@ -176,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="no:NAME", help="leave out a plugin or instance (repeatable)")
     parser.add_argument("--no-autoload", action="store_true",
                         help="read only the built-in plugins, not third-party entry points")
+    parser.add_argument("--trace", action="store_true",
+                        help=f"log every hook call (sets {trace.TRACE_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     plugins = sub.add_parser("plugins", help="list the discovered plugins")
     plugins.add_argument("--json", action="store_true", help="print JSON")
@@ -189,12 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="build the model with this callable and resolve the filters")
     check.set_defaults(func=cmd_check)
     add_commands(sub)
+    scaffold.add_command(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _log_to_stderr()
+    if args.trace:
+        os.environ[trace.TRACE_ENV] = "1"
     try:
         return args.func(args)
     except SteadytrainError as exc:

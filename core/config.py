@@ -4,6 +4,7 @@ A config names plugin instances in the order their hooks run::
 
     finite_check = "auto"          # optional
     disable = ["grad_norm"]        # optional: names or ids switched off
+    allow = ["acme-regularizers"]  # optional: the only third-party plugins read
 
     [[plugins]]
     plugin = "ema"                 # the plugin's name
@@ -108,6 +109,8 @@ class RunConfig:
     param_groups: tuple[GroupSpec, ...] = ()
     disable: tuple[str, ...] = ()
     autoload: bool = True
+    #: Third-party plugins or distributions to read, no others (overrides ``autoload``).
+    allow: tuple[str, ...] = ()
     finite_check: str = attrs.field(default="auto", validator=one_of(*FINITE_CHECKS))
     #: The registry the plugin names were resolved against (discovered once per load).
     registry: Registry | None = attrs.field(default=None, eq=False, repr=False)
@@ -297,7 +300,11 @@ def structure_config(raw: Mapping[str, Any], *, registry: Registry | None = None
     settings, setting_errors = _structure_settings(raw, RunConfig, "")
     errors += setting_errors
     if registry is None:
-        registry = Registry.discover(autoload=None if settings.get("autoload", True) else False)
+        try:
+            registry = Registry.discover(autoload=None if settings.get("autoload", True) else False,
+                                         allow=settings.get("allow", ()))
+        except RegistryError as exc:
+            raise ConfigError(str(exc)) from None
     entries = raw.get("plugins", [])
     if not isinstance(entries, Sequence) or isinstance(entries, str):
         errors.append(f"plugins: expected a list of tables, got {entries!r}")
@@ -435,6 +442,7 @@ def unstructure_config(config: RunConfig) -> dict[str, Any]:
         "param_groups": [converter.unstructure(group) for group in config.param_groups],
         "disable": list(config.disable),
         "autoload": config.autoload,
+        "allow": list(config.allow),
         "finite_check": config.finite_check,
     }
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
+from . import hookspecs, trace
 from .errors import ConfigError, HookError, RegistryError, SteadytrainError, UsageError
 from .hookspecs import HOOK_NAMES, STEP_HOOKS
 
@@ -98,6 +98,9 @@ class HookTable:
     def __init__(self) -> None:
         self.instances: dict[str, object] = {}
         self._dispatch: dict[str, tuple[Dispatch, ...]] = {h: () for h in HOOK_NAMES}
+        #: Whether each call is logged (:mod:`steadytrain.trace`); the switch is read here,
+        #: once, so that the call loop stays the same when tracing is off.
+        self.tracing = trace.enabled()
 
     def add(self, plugin: object, id: str | None = None) -> str:
         """Add *plugin* last under *id* (default: its own ``id`` or name); return the id.
@@ -124,11 +127,18 @@ class HookTable:
             manager.register(plugin, name=key)
         self._dispatch = {
             hook: tuple(
-                (impl.plugin_name, impl.function, bool(impl.argnames))
+                self._entry(hook, impl.plugin_name, impl.function, bool(impl.argnames))
                 for impl in reversed(getattr(manager.hook, hook).get_hookimpls())
             )
             for hook in HOOK_NAMES
         }
+
+    def _entry(self, hook: str, key: str, function: Callable[..., Any], takes_arg: bool
+               ) -> Dispatch:
+        if not self.tracing:
+            return key, function, takes_arg
+        plugin = name_of(self.instances[key])
+        return key, trace.traced(key, plugin, hook, function, takes_arg), True
 
     def implementers(self, hook: str) -> tuple[str, ...]:
         """Ids of the instances that implement *hook*, in call order."""

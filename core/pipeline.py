@@ -100,7 +100,7 @@ class Pipeline:
         """
         config = load_config(source, registry=registry)
         registry = registry or config.registry or Registry.discover(
-            autoload=None if config.autoload else False)
+            autoload=None if config.autoload else False, allow=config.allow)
         disabled = disabled_names(config, registry, disable)
         kept = [inst for inst in config.plugins
                 if inst.enabled and inst.plugin not in disabled and inst.id not in disabled]

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable
 from importlib import metadata
 
 import attrs
 import structlog
+from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from ._version import __version__
@@ -26,6 +28,8 @@ from .plugin import Plugin
 
 GROUP = "steadytrain.plugins"
 AUTOLOAD_ENV = "STEADYTRAIN_DISABLE_PLUGIN_AUTOLOAD"
+#: Comma-separated third-party plugins (entry-point names) or distributions to read.
+ALLOW_ENV = "STEADYTRAIN_ALLOW_PLUGINS"
 OWN_DISTRIBUTION = "steadytrain"
 
 log = structlog.get_logger("steadytrain")
@@ -116,17 +120,30 @@ class Registry:
 
     @classmethod
     def discover(
-        cls, *, autoload: bool | None = None, path: list[str] | None = None
+        cls,
+        *,
+        autoload: bool | None = None,
+        allow: Iterable[str] = (),
+        path: list[str] | None = None,
     ) -> Registry:
         """Read the ``steadytrain.plugins`` entry points of the installed distributions.
 
         With ``autoload=False`` (or the environment variable
         ``STEADYTRAIN_DISABLE_PLUGIN_AUTOLOAD`` set to a non-empty value) only the
-        built-in plugins are read; register others with :meth:`register`. *path* replaces
-        ``sys.path`` as the places to look.
+        built-in plugins are read; register others with :meth:`register`. An allowlist
+        (*allow*, plus the comma-separated environment variable
+        ``STEADYTRAIN_ALLOW_PLUGINS``) of plugin names or distribution names overrides
+        *autoload*: the third-party plugins it names are read, no others. A name in it
+        that is neither is an error. *path* replaces ``sys.path`` as the places to look.
         """
-        if autoload is None:
+        env = [n.strip() for n in os.environ.get(ALLOW_ENV, "").split(",") if n.strip()]
+        allowed = {*allow, *env}
+        if allowed:
+            autoload = False
+        elif autoload is None:
             autoload = not os.environ.get(AUTOLOAD_ENV)
+        permitted = allowed | {canonicalize_name(n) for n in allowed}
+        known: set[str] = set()
         registry = cls()
         claims: dict[str, list[PluginEntry]] = {}
         seen: set[str] = set()
@@ -135,10 +152,16 @@ class Registry:
             # Python imports the first copy of a distribution on the path; later copies
             # (a stale install further down) are shadowed, and so are their entry points.
             key = dist_name.lower().replace("-", "_")
-            if key in seen or (not autoload and dist_name != OWN_DISTRIBUTION):
+            if key in seen:
                 continue
             seen.add(key)
-            for ep in dist.entry_points.select(group=GROUP):
+            entry_points = dist.entry_points.select(group=GROUP)
+            known.update([dist_name, canonicalize_name(dist_name), *entry_points.names])
+            read_all = (autoload or dist_name == OWN_DISTRIBUTION
+                        or canonicalize_name(dist_name) in permitted)
+            for ep in entry_points:
+                if not (read_all or ep.name in permitted):
+                    continue
                 entry = PluginEntry(ep.name, dist_name, dist.version, ep.value, entry=ep)
                 claims.setdefault(ep.name, []).append(entry)
         for name, entries in claims.items():
@@ -148,6 +171,12 @@ class Registry:
                                       for e in entries)
                 entry.error = f"the name is claimed by several distributions: {owners}"
             registry._entries[name] = entry
+        for name in sorted(allowed):
+            if name not in known and canonicalize_name(name) not in known:
+                raise RegistryError(
+                    f"allow / {ALLOW_ENV}: {name!r} is neither an installed distribution nor a "
+                    f"plugin{suggest(name, known)}; `steadytrain plugins` lists the plugins"
+                )
         return registry
 
     def register(self, factory: type[Plugin], name: str | None = None) -> None:

@@ -178,3 +178,11 @@ class ScheduledConsolidation(steadytrain.Plugin):
         self.last_step = state["last_step"]
         self.pending = state["pending"]
         self.runs = state["runs"]
+
+    @classmethod
+    def conformance_fixture(cls) -> steadytrain.testing.Fixture:
+        """The conformance kit trains a memory model that consolidates on step 2 (a host
+        sync, documented), so that the step after it is the one watched for syncs."""
+        from steadytrain.testing import memory_model_fixture
+
+        return memory_model_fixture({"interval": 2}, steps=3, warmup_steps=2)

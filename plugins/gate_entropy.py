@@ -138,3 +138,11 @@ class GateEntropy(GateRegularizer):
                 f"toward uniform gates. Set target <= {limit:.4f} to aim lower.",
                 stacklevel=2,
             )
+
+    @classmethod
+    def conformance_fixture(cls) -> steadytrain.testing.Fixture:
+        """The conformance kit trains a memory model that reports gates and masks; on the
+        CPU the values are checked on the first step only, as on an accelerator."""
+        from steadytrain.testing import memory_model_fixture
+
+        return memory_model_fixture(cpu_options={"check": "first_step"})

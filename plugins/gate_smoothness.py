@@ -82,3 +82,11 @@ class GateSmoothness(GateRegularizer):
     def compute_regularizers(self, ctx: steadytrain.StepContext) -> dict[str, torch.Tensor]:
         time_dim = self.config.time_dim
         return {"smoothness": self.average(ctx, lambda g: gate_smoothness(g, time_dim))}
+
+    @classmethod
+    def conformance_fixture(cls) -> steadytrain.testing.Fixture:
+        """The conformance kit trains a memory model that reports gates and masks; on the
+        CPU the values are checked on the first step only, as on an accelerator."""
+        from steadytrain.testing import memory_model_fixture
+
+        return memory_model_fixture(cpu_options={"check": "first_step"})

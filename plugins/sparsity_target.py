@@ -99,3 +99,11 @@ class SparsityTarget(TensorRegularizer):
         term = self.average(ctx, penalty)
         ctx.log("density", mean_of(densities))
         return {"sparsity": term}
+
+    @classmethod
+    def conformance_fixture(cls) -> steadytrain.testing.Fixture:
+        """The conformance kit trains a memory model that reports gates and masks; on the
+        CPU the values are checked on the first step only, as on an accelerator."""
+        from steadytrain.testing import memory_model_fixture
+
+        return memory_model_fixture(cpu_options={"check": "first_step"})

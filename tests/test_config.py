@@ -93,7 +93,7 @@ def test_errors_carry_the_path_and_all_are_reported(registry):
         registry,
     )
     assert "finite_chek: unknown key (did you mean 'finite_check'?); known keys: plugins, " \
-           "param_groups, disable, autoload, finite_check" in lines
+           "param_groups, disable, autoload, allow, finite_check" in lines
     assert "plugins[0].decay: must be in (0, 1), got 1.5" in lines
     assert "plugins[1].decay: expected a number, got 'abc'" in lines
     assert any(line.startswith("plugins[1]: unknown key 'evry' (did you mean 'every'?)")

@@ -805,3 +805,10 @@ class CorrectorPenalty(steadytrain.Plugin):
             )
         self._epoch_sum = epoch_sum.clone()
         self._epoch_count = count
+
+    @classmethod
+    def conformance_fixture(cls) -> steadytrain.testing.Fixture:
+        """The conformance kit trains a tiny emulator whose outputs pass a corrector."""
+        from .conformance import STD, corrected_fields_fixture
+
+        return corrected_fields_fixture({"std": STD})

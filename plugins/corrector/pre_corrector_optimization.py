@@ -274,3 +274,10 @@ class PreCorrectorOptimization(steadytrain.Plugin):
     @steadytrain.hookimpl
     def teardown(self) -> None:
         self._ctx = None
+
+    @classmethod
+    def conformance_fixture(cls) -> steadytrain.testing.Fixture:
+        """The conformance kit trains a tiny emulator whose outputs pass a corrector."""
+        from .conformance import corrected_fields_fixture
+
+        return corrected_fields_fixture()
