@@ -21,9 +21,10 @@ What it does
     since the last read (each event carries the instance ``id``, the ``step`` whose
     counters it reports, the number ``new`` since the last event, and totals), restores
     an in-memory snapshot of the model and optimizer state after ``restore_after``
-    consecutive skips when asked to, and stops the run with
+    consecutive skipped steps when asked to, and stops the run with
     :class:`steadytrain.TrainingError` after ``max_consecutive_skips`` of them rather
-    than skipping forever.
+    than skipping forever. Consecutive skips are counted on the step's decision (any
+    plugin's request; under ``torch.distributed`` the decision all ranks share).
 
     The host steps with :func:`steadytrain.step_optimizer`: fused optimizers (Adam,
     AdamW, SGD, Adagrad with ``fused=True``) take the flag on the device the way
@@ -360,8 +361,6 @@ class Guard(steadytrain.Plugin):
         skip = loss_bad | grads_bad | spike
         causes = torch.stack([skip, loss_bad, grads_bad, spike])
         self.counters.add_(causes.to(torch.int64))
-        self.run_length.add_(1).mul_(skip.to(torch.int64))
-        torch.maximum(self.longest, self.run_length, out=self.longest)
         for name, flag in zip(CAUSES, causes.to(torch.float32).unbind(), strict=True):
             ctx.log(name, flag)
         ctx.request_skip("non-finite loss or gradients, or a loss spike", when=skip)
@@ -388,6 +387,12 @@ class Guard(steadytrain.Plugin):
 
     @steadytrain.hookimpl
     def consolidate(self, ctx: steadytrain.StepContext) -> None:
+        # Runs of skips follow the step's decision, the same on every rank under
+        # torch.distributed, so that a restore or a stop happens on all ranks alike.
+        flag = ctx.skip_flag
+        skipped = flag.to(self.device, torch.int64) if isinstance(flag, torch.Tensor) else int(flag)
+        self.run_length.add_(1).mul_(skipped)
+        torch.maximum(self.longest, self.run_length, out=self.longest)
         done = ctx.step + 1
         every = self.config.snapshot_every
         # ctx.skipped is only read on snapshot steps: at most one sync per snapshot.
