@@ -4,7 +4,7 @@ Everything a plugin author or a host needs is importable from here; ``__all__`` 
 public API and built-in plugins use nothing else.
 """
 
-from . import hookspecs, schedules, sources, validators
+from . import hookspecs, losses, schedules, sources, validators
 from ._version import __version__
 from .config import (
     GroupSpec,
@@ -65,6 +65,7 @@ __all__ = [
     "hookimpl",
     "hookspecs",
     "load_config",
+    "losses",
     "report",
     "schedules",
     "sources",

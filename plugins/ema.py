@@ -53,10 +53,16 @@ Caveats
     selected weights to the host (a host-device sync on an accelerator) and the host
     keeps a second copy as staging. Integer buffers are not averaged: evaluation uses the
     model's own, and a selection of integer tensors only is refused at ``setup``.
+    Sharded parameters (FSDP2's DTensors): each rank averages its own shards, without
+    gathering them; the shadow is a DTensor laid out like its parameter (so
+    ``torch.distributed.checkpoint`` saves and reshards it), evaluation copies the
+    average into the shards (``swap = "auto"`` exchanges no storage there), and
+    ``device = "cpu"`` is refused.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -88,6 +94,22 @@ def ema_update_(
     """
     if averaged:
         torch._foreach_lerp_(list(averaged), list(current), 1.0 - decay)
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether *tensor* is a DTensor (FSDP2's parameters are); none exists before
+    ``torch.distributed.tensor`` is imported, an import this check does not pay for."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (sharing its storage), or the tensor itself."""
+    return tensor.to_local() if _is_sharded(tensor) else tensor
+
+
+def _layout(tensor: torch.Tensor) -> str:
+    return f"sharded as {tensor.placements}" if _is_sharded(tensor) else "a whole tensor"
 
 
 class EMA(steadytrain.Plugin):
@@ -133,6 +155,15 @@ class EMA(steadytrain.Plugin):
                 "parameters or buffers"
             )
         self._targets = [tensors[n] for n in self.names]
+        sharded = [n for n in self.names if _is_sharded(tensors[n])]
+        if sharded and self.config.device == "cpu":
+            raise steadytrain.ConfigError(
+                f"{self.id}.device: 'cpu' keeps the average on the host, but {sharded[0]!r}"
+                f"{f' and {len(sharded) - 1} more' if len(sharded) > 1 else ''} are sharded "
+                "across ranks (DTensors, as under FSDP2); a host copy of a shard can be "
+                "neither checkpointed nor swapped in as the parameter. Set device = 'same': "
+                "each rank then keeps the average of its own shards only"
+            )
         self._model = run.model
         # Tied weights appear once in named_parameters() but under every name in the
         # model's state_dict; the export fills each of those names.
@@ -144,9 +175,16 @@ class EMA(steadytrain.Plugin):
         with torch.no_grad():
             self.shadow = [t.to("cpu", copy=True) if on_cpu else t.clone()
                            for t in self._targets]
+        # The average is elementwise: it runs on this rank's shards, which share storage
+        # with the DTensors, without communication. Unsharded these are the same lists.
+        self._local_targets, self._local_shadow = self._targets, self.shadow
+        if sharded:
+            self._local_targets = [_local(t) for t in self._targets]
+            self._local_shadow = [_local(t) for t in self.shadow]
         moves = on_cpu and any(t.device.type != "cpu" for t in self._targets)
         self._staging = [torch.empty_like(t) for t in self.shadow] if moves else None
-        self._by_pointer = self.config.swap == "auto" and not moves
+        # FSDP2 gathers a parameter from its own storage, not from ``param.data``.
+        self._by_pointer = self.config.swap == "auto" and not moves and not sharded
         self._backup: list[torch.Tensor] | None = None
         # A plain count while every skip decision is known on the host; a device tensor
         # once an update was masked by a device-side skip flag.
@@ -182,29 +220,30 @@ class EMA(steadytrain.Plugin):
         *skip*, a boolean device tensor, leaves the average as it is where it holds,
         decided on the device: the host does not wait for the flag.
         """
-        current = self._targets
+        current = self._local_targets
         if self._staging is not None:
             torch._foreach_copy_(self._staging, current)
             current = self._staging
         if skip is not None or isinstance(self._count, torch.Tensor):
             self._masked_update(current, skip)
         elif self._count == 0:
-            torch._foreach_copy_(self.shadow, current)
+            torch._foreach_copy_(self._local_shadow, current)
             self._count = 1
         else:
             decay = ema_decay(self.config.decay, self._count, warmup=self.config.warmup)
-            ema_update_(self.shadow, current, decay)
+            ema_update_(self._local_shadow, current, decay)
             self._count += 1
 
     def _masked_update(self, current: list[torch.Tensor], skip: torch.Tensor | None) -> None:
         """The update with its weight computed on the device: ``(1 − decay_n)·(not skip)``."""
-        device = self.shadow[0].device
+        shadow = self._local_shadow
+        device = shadow[0].device
         if not self._weights:
             # One 0-d weight per dtype, seen through views shaped like each shadow tensor:
             # the masked update is then one foreach call with a weight list.
             self._weights = {t.dtype: torch.zeros((), dtype=t.dtype, device=device)
-                             for t in self.shadow}
-            self._weight_views = [self._weights[t.dtype].expand_as(t) for t in self.shadow]
+                             for t in shadow}
+            self._weight_views = [self._weights[t.dtype].expand_as(t) for t in shadow]
         count = self._count
         if not isinstance(count, torch.Tensor):
             # A fill, not a copy from host memory.
@@ -221,7 +260,7 @@ class EMA(steadytrain.Plugin):
         weight = (1 - decay) * keep
         for buffer in self._weights.values():
             buffer.copy_(weight)
-        torch._foreach_lerp_(self.shadow, current, self._weight_views)
+        torch._foreach_lerp_(shadow, current, self._weight_views)
         self._count = count + keep
 
     # -- evaluation -------------------------------------------------------------------
@@ -236,9 +275,9 @@ class EMA(steadytrain.Plugin):
         else:
             # One scratch copy of the training weights; on the CPU-shadow path the
             # staging buffer already is one.
-            backup = self._staging or [torch.empty_like(t) for t in self._targets]
-            torch._foreach_copy_(backup, self._targets)
-            torch._foreach_copy_(self._targets, self.shadow)
+            backup = self._staging or [torch.empty_like(t) for t in self._local_targets]
+            torch._foreach_copy_(backup, self._local_targets)
+            torch._foreach_copy_(self._local_targets, self._local_shadow)
             self._backup = backup
         self._swapped = True
 
@@ -257,7 +296,7 @@ class EMA(steadytrain.Plugin):
         if self._by_pointer:
             self._exchange_storage()
         else:
-            torch._foreach_copy_(self._targets, self._backup)
+            torch._foreach_copy_(self._local_targets, self._backup)
             self._backup = None
         self._swapped = False
 
@@ -310,5 +349,13 @@ class EMA(steadytrain.Plugin):
                     f"{self.id}: shadow of {name!r} has shape {tuple(theirs.shape)} in the "
                     f"checkpoint but {tuple(mine.shape)} in the model"
                 )
-        torch._foreach_copy_(self._averages(), saved)
+            if _layout(mine) != _layout(theirs):
+                raise steadytrain.CheckpointError(
+                    f"{self.id}: shadow of {name!r} is {_layout(theirs)} in the checkpoint "
+                    f"but {_layout(mine)} here; load a sharded pipeline state with "
+                    "steadytrain.adapters.distributed.load (torch.distributed.checkpoint "
+                    "gives each rank its shards)"
+                )
+        averages = self._local_targets if self._swapped else self._local_shadow
+        torch._foreach_copy_(averages, [_local(t) for t in saved])
         self._count = int(state["num_updates"])

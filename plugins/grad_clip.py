@@ -60,12 +60,17 @@ Caveats
     non-finite guard before the optimizer step. ``agc`` computes the unit norms of each
     matrix with a kernel of its own (no fused kernel reduces over a dimension), and its
     post-clip norm costs one more fused pass over the gradients. Under gradient scaling
-    (AMP), unscale before ``after_backward``.
+    (AMP), unscale before ``after_backward``. Sharded parameters (FSDP2's DTensors): a
+    group's norm covers every rank's shard, so all ranks clip by the norm of the whole
+    gradient, as one process would (one all-reduce per group); ``agc`` needs the rows of
+    each weight whole on a rank (sharded along dimension 0, FSDP2's default) and refuses
+    other layouts at ``setup``.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -79,6 +84,46 @@ MODES = ("norm", "adaptive", "agc")
 DEFAULT_GROUP = "default"
 
 
+def _dtensor_class() -> type | None:
+    """``DTensor`` once something imported it: no tensor can be one before (and importing
+    ``torch.distributed.tensor`` here would cost seconds)."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (sharing its storage), or the tensor itself."""
+    dtensor = _dtensor_class()
+    return tensor.to_local() if dtensor is not None and isinstance(tensor, dtensor) else tensor
+
+
+def _splits_rows(tensor: torch.Tensor) -> bool:
+    """Whether a DTensor has rows (slices along dimension 0) split across ranks."""
+    placements = getattr(tensor, "placements", ())
+    return tensor.ndim > 1 and any(
+        not (p.is_replicate() or (p.is_shard() and p.dim == 0)) for p in placements)
+
+
+def total_norm(grads: Sequence[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """torch's ``get_total_norm`` of *grads*, over every rank's shard of sharded gradients.
+
+    The gradients of a model sharded with FSDP2 (``fully_shard``) are DTensors; the norm
+    of a DTensor is reduced across its device mesh, so every rank gets the norm of the
+    whole gradient as a plain tensor. Gradients on different meshes, and plain ones, are
+    combined as the norm of their norms.
+    """
+    dtensor = _dtensor_class()
+    if dtensor is None or not any(isinstance(g, dtensor) for g in grads):
+        return torch.nn.utils.get_total_norm(list(grads), norm_type, foreach=True)
+    by_mesh: dict[Any, list[torch.Tensor]] = {}
+    for grad in grads:
+        by_mesh.setdefault(getattr(grad, "device_mesh", None), []).append(grad)
+    norms = [torch.nn.utils.get_total_norm(part, norm_type, foreach=True)
+             for part in by_mesh.values()]
+    # full_tensor() reduces a partial norm across the mesh (a no-op on a replicated one).
+    norms = [n.full_tensor() if isinstance(n, dtensor) else n for n in norms]
+    return torch.nn.utils.get_total_norm(norms, norm_type, foreach=True)
+
+
 def grad_group_norms(
     grad_groups: Sequence[Sequence[torch.Tensor]],
     norm_types: float | Sequence[float] = 2.0,
@@ -88,8 +133,9 @@ def grad_group_norms(
     """The total norm of each group of gradients, as one tensor of shape ``(groups,)``.
 
     Each group's norm is :func:`torch.nn.utils.get_total_norm` of its gradients (one
-    fused ``foreach`` norm); an empty group has norm 0. *device* is where the result lives
-    when no group has a gradient.
+    fused ``foreach`` norm), over all ranks for sharded gradients (:func:`total_norm`); an
+    empty group has norm 0. *device* is where the result lives when no group has a
+    gradient.
     """
     count = len(grad_groups)
     types = [float(norm_types)] * count if isinstance(norm_types, (int, float)) else [
@@ -99,8 +145,7 @@ def grad_group_norms(
     device = first.device if first is not None else torch.device(device or "cpu")
     zero = torch.zeros((), device=device)
     return torch.stack([
-        torch.nn.utils.get_total_norm(list(grads), norm_type, foreach=True).float()
-        if grads else zero
+        total_norm(grads, norm_type).float() if grads else zero
         for grads, norm_type in zip(grad_groups, types, strict=True)
     ])
 
@@ -132,15 +177,33 @@ def clip_grad_groups_(
     return norms
 
 
+def _vector_norms(vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The 2-norm of each 0- or 1-dimensional tensor, one fused kernel; a sharded vector's
+    norm covers every rank's shard (one reduction for all of them)."""
+    if not vectors:
+        return []
+    norms = list(torch._foreach_norm(list(vectors)))
+    dtensor = _dtensor_class()
+    sharded = [i for i, n in enumerate(norms) if dtensor is not None and isinstance(n, dtensor)]
+    if sharded:
+        reduced = torch.stack([norms[i] for i in sharded]).full_tensor().unbind()
+        for index, norm in zip(sharded, reduced, strict=True):
+            norms[index] = norm
+    return norms
+
+
 def _unit_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The norm of every output unit: of each row along dimension 0, or of a whole vector."""
+    """The norm of every output unit: of each row along dimension 0, or of a whole vector.
+
+    For a DTensor sharded along dimension 0 (FSDP2's layout) the rows of this rank's shard
+    are whole, so its unit norms are those of the local rows.
+    """
     # Whole-tensor units (biases, gains) share one fused kernel; rows of a matrix need a
     # reduction over dimensions, which no foreach kernel does: one kernel per matrix.
-    vectors = [t for t in tensors if t.ndim <= 1]
-    fused = iter(torch._foreach_norm(vectors) if vectors else ())
+    fused = iter(_vector_norms([t for t in tensors if t.ndim <= 1]))
     return [
         next(fused) if t.ndim <= 1
-        else torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), keepdim=True)
+        else torch.linalg.vector_norm(_local(t), dim=tuple(range(1, t.ndim)), keepdim=True)
         for t in tensors
     ]
 
@@ -153,11 +216,19 @@ def unitwise_clip_grad_(
 
     Each output unit's gradient ``G`` (a row of a weight along dimension 0, or the whole
     of a 0- or 1-dimensional tensor) is scaled to keep
-    ``‖G‖ ≤ clipping · max(‖W‖, eps)``.
+    ``‖G‖ ≤ clipping · max(‖W‖, eps)``. Sharded parameters (DTensors) must keep their
+    rows whole on each rank, as FSDP2 does.
     """
     params = [p for p in parameters if p.grad is not None]
     if not params:
         return
+    split = [p for p in params if _splits_rows(p)]
+    if split:
+        raise steadytrain.ConfigError(
+            f"unitwise_clip_grad_: a parameter of shape {tuple(split[0].shape)} has its rows "
+            f"split across ranks (placements {split[0].placements}); AGC needs whole rows on "
+            "each rank: shard along dimension 0 (FSDP2's default)"
+        )
     grads = [p.grad for p in params]
     factors = _unit_norms(params)
     grad_norms = _unit_norms(grads)
@@ -166,7 +237,7 @@ def unitwise_clip_grad_(
     torch._foreach_clamp_min_(grad_norms, 1e-6)
     torch._foreach_div_(factors, grad_norms)
     torch._foreach_clamp_max_(factors, 1.0)
-    torch._foreach_mul_(grads, factors)
+    torch._foreach_mul_([_local(g) for g in grads], factors)
 
 
 @attrs.frozen
@@ -247,6 +318,14 @@ class GradClip(steadytrain.Plugin):
         )]
         self.groups = [g for g in specs if members[g.name]]
         self.params = [[named[n] for n in members[g.name]] for g in self.groups]
+        if config.mode == "agc" and (split := [n for n in selected if _splits_rows(named[n])]):
+            raise steadytrain.ConfigError(
+                f"{self.id}.mode: 'agc' clips each row of a weight by the row's norm, but the "
+                f"rows of {split[0]!r} are split across ranks (placements "
+                f"{named[split[0]].placements}), and per-row norms across shards are not "
+                "supported; shard it along dimension 0 (FSDP2's default, without a "
+                "shard_placement_fn), exclude it, or use mode = 'norm'"
+            )
         device = next((p[0].device for p in self.params), torch.device("cpu"))
         self._device = device
         self._max_norms = torch.tensor([g.max_norm for g in self.groups], device=device)
@@ -266,10 +345,19 @@ class GradClip(steadytrain.Plugin):
             limits = self._max_norms
             if self.config.mode == "adaptive":
                 limits = self._adaptive_limits(norms)
-            for index, params in enumerate(self.params):
-                torch.nn.utils.clip_grads_with_norm_(params, limits[index], norms[index],
-                                                     foreach=True)
-            after = norms * clip_coefficients(norms, limits)
+                coefficients = clip_coefficients(norms, limits)
+                # The thresholds are device tensors: clip_grads_with_norm_ would read each
+                # on the host, so the group is scaled by its coefficient directly.
+                for group_grads, coefficient in zip(grads, coefficients, strict=True):
+                    if group_grads:
+                        torch._foreach_mul_([_local(g) for g in group_grads], coefficient)
+            else:
+                coefficients = clip_coefficients(norms, limits)
+                for group, params, norm in zip(self.groups, self.params, norms, strict=True):
+                    # max_norm as a Python float: torch reads a tensor threshold on the host
+                    torch.nn.utils.clip_grads_with_norm_(params, group.max_norm, norm,
+                                                         foreach=True)
+            after = norms * coefficients
         for index, group in enumerate(self.groups):
             ctx.log(f"{group.name}/pre_norm", norms[index])
             ctx.log(f"{group.name}/post_norm", after[index])

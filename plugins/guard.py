@@ -102,6 +102,7 @@ Caveats
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -125,11 +126,17 @@ def nonfinite_grads(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     float32 so that half-precision gradients do not overflow: a NaN or inf element makes
     its norm non-finite. The 2-norm is several times faster than a max-abs reduction on
     the CPU; the price is that a finite gradient whose 2-norm exceeds the float32 range
-    (elements around 1e19) also counts as non-finite.
+    (elements around 1e19) also counts as non-finite. Sharded gradients (DTensors, under
+    FSDP2) are checked through this rank's shards; the core shares the decision across
+    ranks.
     """
     if not grads:
         return torch.zeros((), dtype=torch.bool)
-    norms = torch._foreach_norm(list(grads), 2, dtype=torch.float32)
+    # DTensor exists only once something imported torch.distributed.tensor (importing it
+    # here would cost seconds for every run that does not shard).
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", ())
+    local = [g.to_local() if isinstance(g, dtensor) else g for g in grads]
+    norms = torch._foreach_norm(local, 2, dtype=torch.float32)
     return ~torch.isfinite(torch.stack(norms)).all()
 
 

@@ -52,14 +52,22 @@ Caveats
     Targets that are checked only on the first step (``check = "auto"`` on an
     accelerator) can still go out of range later, where the host's own
     ``F.cross_entropy`` fails on them too.
+    On logits that a model made (not a leaf tensor) the term registers a hook on them:
+    its backward hands the autograd engine the share of the gradient that every class
+    gets as a broadcast, and the hook adds the target classes' share into the summed
+    gradient in place, so the gradient costs one pass over the logits' gradient, as with
+    torch's own ``label_smoothing=`` (docs/benchmarks.md). A hook that the host registers
+    on the logits before the term is computed sees their gradient without that share.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import attrs
 import torch
+from torch.autograd.function import once_differentiable
 
 import steadytrain
 from steadytrain.sources import CHECKS, at_least_float32
@@ -90,28 +98,95 @@ def label_smoothing_term(
         raise steadytrain.OptionError(
             "class_dim", f"{class_dim} is out of range for logits of shape {shape}"
         )
-    logits = logits.movedim(class_dim, -1)
+    per_target = shape[:class_dim] + shape[class_dim:][1:]
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise steadytrain.OptionError(
             "targets", f"must be class indices (an integer tensor), got {targets.dtype}; "
             "class-probability targets are not supported"
         )
-    if targets.shape != logits.shape[:-1]:
+    if tuple(targets.shape) != per_target:
         raise steadytrain.OptionError(
             "class_dim",
             f"targets of shape {tuple(targets.shape)} do not fit logits of shape {shape} "
             f"with the classes in dimension {class_dim} (the targets must have shape "
-            f"{tuple(logits.shape[:-1])}); set class_dim to where the classes are",
+            f"{per_target}); set class_dim to where the classes are",
         )
     if check_targets:
         _check_targets(targets, shape, ignore_index, class_dim)
-    valid = targets != ignore_index
-    picked = logits.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
-    # log p_y − mean_k log p_k = x_y − mean_k x_k: the log-sum-exp cancels, so the term
-    # needs no softmax and no float32 copy of the logits
-    mean = logits.mean(-1, dtype=torch.promote_types(logits.dtype, torch.float32))
-    per_target = torch.where(valid, at_least_float32(picked) - mean, 0.0)
-    return smoothing * per_target.sum() / valid.sum().clamp_min(1)
+    class_dim %= logits.dim()
+    # Logits made by a model (not a leaf) get the gradient of their target classes through
+    # a hook (see _TargetShare); a leaf keeps its hooks for good, so it gets all at once.
+    targeted = None
+    if logits.requires_grad and logits.grad_fn is not None:
+        targeted = _TargetShare(class_dim)
+        logits.register_hook(targeted)
+    return _Smoothing.apply(logits, targets, smoothing, ignore_index, class_dim, targeted)
+
+
+class _TargetShare:
+    """The share ``ε·g/n`` of the gradient that goes to each kept target's class.
+
+    The rest of the term's gradient, ``−ε·g/(n·C)`` for every class, is a broadcast that
+    the autograd engine adds to the logits' other gradients (the host's cross-entropy)
+    in one pass, as in torch's own label-smoothed cross-entropy. A dense gradient with
+    the targets' share in it would cost a pass to write it and an addition reading both
+    gradients: twice the traffic. So a hook on the logits adds the targets' share, one
+    element per target, into the summed gradient in place. The engine hands the hook
+    the sum it made, which nothing else holds; when the term is the logits' only
+    consumer, the hook gets the broadcast itself and copies it first.
+    """
+
+    def __init__(self, class_dim: int) -> None:
+        self.class_dim = class_dim
+        self.pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor | None:
+        pending, self.pending = self.pending, None
+        if pending is None:  # this backward did not pass through the term
+            return None
+        index, share, broadcast = pending
+        if grad.data_ptr() == broadcast.data_ptr():
+            grad = grad.contiguous()
+        return grad.scatter_add_(self.class_dim, index, share.to(grad.dtype))
+
+
+class _Smoothing(torch.autograd.Function):
+    """``ε·mean(x_y − mean_k x_k)`` over the kept targets, without a float32 copy of the
+    logits ``x``, and its gradient ``ε·g·(onehot(y) − 1/C)/n`` per kept target."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, logits: torch.Tensor, targets: torch.Tensor, smoothing: float,
+        ignore_index: int, class_dim: int, targeted: _TargetShare | None,
+    ) -> torch.Tensor:
+        moved = logits.movedim(class_dim, -1)
+        valid = targets != ignore_index
+        safe = torch.where(valid, targets, 0)
+        picked = moved.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+        # log p_y − mean_k log p_k = x_y − mean_k x_k: the log-sum-exp cancels, so the
+        # term needs no softmax; the mean accumulates in float32 as it reads the logits
+        mean = moved.mean(-1, dtype=torch.promote_types(moved.dtype, torch.float32))
+        count = valid.sum().clamp_min(1)
+        ctx.save_for_backward(safe, valid, count)
+        ctx.smoothing, ctx.class_dim, ctx.targeted = smoothing, class_dim, targeted
+        ctx.shape, ctx.dtype = logits.shape, logits.dtype
+        per_target = torch.where(valid, at_least_float32(picked) - mean, 0.0)
+        return smoothing * per_target.sum() / count
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        safe, valid, count = ctx.saved_tensors
+        dim = ctx.class_dim
+        share = (grad * ctx.smoothing * valid / count).unsqueeze(dim)  # d term / d x_y
+        index = safe.unsqueeze(dim)
+        classes = ctx.shape[dim]
+        logits_grad = (-share / classes).to(ctx.dtype).expand(ctx.shape)
+        if ctx.targeted is not None:
+            ctx.targeted.pending = (index, share, logits_grad)
+        else:
+            logits_grad = logits_grad.contiguous().scatter_add_(dim, index, share.to(ctx.dtype))
+        return logits_grad, None, None, None, None, None
 
 
 def _check_targets(

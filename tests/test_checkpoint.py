@@ -305,12 +305,15 @@ def every_built_in(steps):
     pipe.setup(model, optimizer, total_steps=10)
     pre_corrector = pipe.plugins["pre_corrector_optimization"]
     for _ in range(steps):
-        x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+        x, y = torch.randn(6, 4).requires_grad_(), torch.randint(0, 3, (6,))
         pipe.before_step(batch=x, targets=y)
         logits = model(x)
         fields = apply_corrector(lambda f: {"y": f["y"].clamp(-0.2, 0.2)}, {"y": logits})
         task = F.cross_entropy(pre_corrector.for_loss(fields)["y"], y)
-        loss = pipe.compute_loss(task, outputs={"logits": logits})
+        teacher = logits.detach() + 0.1  # a teacher for the distillation plugins
+        loss = pipe.compute_loss(task, outputs={
+            "logits": logits, "teacher_logits": teacher, "inputs": x, "scores": logits,
+            "hidden_states": [logits], "teacher_hidden_states": [teacher]})
         loss.backward()
         steadytrain.step_optimizer(optimizer, pipe.after_backward())
         pipe.consolidate()

@@ -37,6 +37,12 @@ CONFIG = {
         {"plugin": "stability_monitor", "check_every": 1000},
         {"plugin": "ema", "decay": 0.99},
         {"plugin": "scheduled_consolidation", "interval": 1000},
+        {"plugin": "hidden_alignment", "weighting": "decay"},
+        {"plugin": "logit_distillation", "ignore_index": -100, "top_k": 3, "temperature": {
+            "kind": "cosine_warmup", "start": 3.0, "value": 1.0, "warmup_steps": 10}},
+        {"plugin": "gradient_penalty", "mode": "wgan_gp"},
+        {"plugin": "l2_sp"},
+        {"plugin": "z_loss"},
     ]
 }
 
@@ -68,17 +74,22 @@ def test_every_plugin_together_causes_no_host_sync_per_step():
     torch.manual_seed(0)
     model = Toy().cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    pipe = Pipeline.from_config(CONFIG, registry=registry).setup(model, optimizer,
-                                                                 total_steps=100)
+    pipe = Pipeline.from_config(CONFIG, registry=registry)
+    pipe.plugins["gradient_penalty"].bind(critic=torch.nn.Linear(16, 1).cuda())
+    pipe.setup(model, optimizer, total_steps=100)
     x = torch.randn(4, 12, 16, device="cuda")
     y = torch.randint(0, 5, (4, 12), device="cuda")
+    y[0, :3] = -100
 
     def step() -> None:
         pipe.before_step(batch=x, targets=y)
         logits = model(x)
         fields = pipe.plugins["pre_corrector_optimization"].for_loss(model.fields)
         task = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
-        loss = pipe.compute_loss(task + fields["ice"].square().mean(), outputs={"logits": logits})
+        teacher = logits.detach() + 0.1  # a teacher for the distillation plugins
+        loss = pipe.compute_loss(task + fields["ice"].square().mean(), outputs={
+            "logits": logits, "teacher_logits": teacher, "hidden_states": [logits, logits],
+            "teacher_hidden_states": [teacher, teacher], "real": x, "fake": x.flip(0)})
         loss.backward()
         steadytrain.step_optimizer(optimizer, pipe.after_backward())
         pipe.consolidate()

@@ -36,8 +36,10 @@ Hyperparameters
     ``weight`` (the instance weight) 1.0 puts equal importance on obeying the corrector
     and on skill; 0.05–0.2 already reduces the divergence strongly; sweep 0.2, 1.0,
     5.0. ``loss = "mse"`` (L2, the default) tolerates slightly negative values near zero
-    with little penalty; ``"l1"``, ``"huber"``/``"smooth_l1"`` (transition ``delta``)
-    and ``"area_mse"`` (per-cell area weights) are the alternatives. ``std``: a table of
+    with little penalty; any elementwise loss of :mod:`steadytrain.losses` is an
+    alternative (``"l1"``, ``"huber"``/``"smooth_l1"`` with their transition at
+    ``delta``, ``"focal_mse"``, ``"smooth_l1_mse"``, third-party ones), and so is
+    ``"area_mse"`` (squared error weighted by per-cell areas). ``std``: a table of
     per-variable scales, a statistics file ``std_file`` (``.json`` or ``.pt``, a mapping
     variable → std) or a normalizer bound with :meth:`CorrectorPenalty.bind`, looked up
     in that order. ``variable_weights`` (patterns → weight), ``rollout_alpha`` (α,
@@ -81,6 +83,8 @@ Caveats
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -89,12 +93,12 @@ from typing import Any, Protocol
 
 import attrs
 import torch
-import torch.nn.functional as F
 
 import steadytrain
 from steadytrain.validators import check, non_negative, one_of, positive
 
-LOSSES = ("mse", "l1", "huber", "smooth_l1", "area_mse")
+#: Squared error weighted by per-cell areas; the other losses are those of steadytrain.losses.
+AREA_MSE = "area_mse"
 RELATIVE_LOSSES = ("relative_mse", "relative_l2", "relative_l1", "rel_l2", "rel_mse", "rel_l1")
 DEFAULT_SOURCE = "corrections"
 #: Steps on which an inconclusive straight-through probe (corrector changed nothing) is retried.
@@ -180,6 +184,24 @@ def apply_corrector(
     return corrected
 
 
+def _zero(x: torch.Tensor) -> torch.Tensor:
+    """The zero target of *x*, as a broadcast view (no allocation)."""
+    return x.new_zeros(()).expand_as(x)
+
+
+@functools.lru_cache(maxsize=64)
+def _elementwise_loss(loss: str, delta: float) -> steadytrain.losses.Loss:
+    """The loss of steadytrain.losses that *loss* names (``area_mse``: ``mse``), with
+    *delta* as its transition option when it has one."""
+    with contextlib.suppress(steadytrain.RegistryError):
+        steadytrain.losses.factory(loss)  # reads the entry points of a loss installed since
+    check(loss, one_of(*_correction_losses()), "correction_losses: loss")
+    name = "mse" if loss == AREA_MSE else loss
+    transition = steadytrain.losses.registry().get(name).transition
+    options = {} if transition is None else {transition: delta}
+    return steadytrain.losses.get(name, where="correction_losses: loss", **options)
+
+
 def _float32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
@@ -200,7 +222,7 @@ def _losses(
 
     The count is an int unless masks decide it; then it is a device tensor (no sync).
     """
-    check(loss, one_of(*LOSSES), "correction_losses: loss")
+    compare = _elementwise_loss(loss, delta)
     if len(std) != len(deltas):
         raise steadytrain.ConfigError(
             f"correction_losses: {len(deltas)} corrections but {len(std)} std values"
@@ -210,24 +232,17 @@ def _losses(
     # where() rather than a product: 0·NaN is NaN, and its gradient would be NaN too.
     scaled = [x if m is None else torch.where(m, x, 0.0)
               for x, m in zip(scaled, masks, strict=True)]
-    if loss == "area_mse":
+    # Masked cells hold 0 now, which an elementwise loss counts as no error at all.
+    if loss == AREA_MSE:
         if area_weights is None:
             raise steadytrain.ConfigError("correction_losses: loss 'area_mse' needs area_weights")
         cells = [area_weights.expand_as(x) if m is None else area_weights * m
                  for x, m in zip(scaled, masks, strict=True)]
-        sums = [(c * x.square()).sum() for c, x in zip(cells, scaled, strict=True)]
+        sums = [(c * compare(x, _zero(x), reduction="none")).sum()
+                for c, x in zip(cells, scaled, strict=True)]
         counts: list[Any] = [c.expand_as(x).sum() for c, x in zip(cells, scaled, strict=True)]
     else:
-        if loss in ("mse", "l1"):
-            sums = torch._foreach_norm(scaled, 2 if loss == "mse" else 1)
-            if loss == "mse":
-                sums = torch._foreach_mul(sums, sums)
-        elif loss == "huber":
-            sums = [F.huber_loss(x, torch.zeros_like(x), reduction="sum", delta=delta)
-                    for x in scaled]
-        else:
-            sums = [F.smooth_l1_loss(x, torch.zeros_like(x), reduction="sum", beta=delta)
-                    for x in scaled]
+        sums = [compare(x, _zero(x), reduction="sum") for x in scaled]
         counts = [x.numel() if m is None else m.expand_as(x).sum()
                   for x, m in zip(scaled, masks, strict=True)]
     # Unmasked variables are valid when they have cells (known on the host); masked ones
@@ -375,15 +390,43 @@ def _each_value(check: Callable[[Any, attrs.Attribute, Any], None]) -> Callable[
     return validate
 
 
+def _correction_losses() -> list[str]:
+    """The losses that can compare a correction with zero: the elementwise ones."""
+    registry = steadytrain.losses.registry()
+    usable = []
+    for name in registry.names():
+        try:
+            if registry.get(name).elementwise:
+                usable.append(name)
+        except steadytrain.RegistryError:  # reported when a config names it
+            continue
+    return [*usable, AREA_MSE]
+
+
 def _loss_type(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
+    if value == AREA_MSE:
+        return
     if value in RELATIVE_LOSSES:
         raise steadytrain.OptionError(
             attr.name,
             f"{value!r} is a relative norm ‖x−y‖/‖y‖, but the target of this penalty is zero "
-            "(the correction post − pre is compared with 0), so it would divide by zero; "
-            f"use one of {', '.join(map(repr, LOSSES))}",
+            "(the correction post − pre is compared with 0), so it would divide by zero; the "
+            f"loss must be one of {', '.join(map(repr, _correction_losses()))}",
         )
-    one_of(*LOSSES)(_inst, attr, value)
+    try:
+        elementwise = steadytrain.losses.factory(value).elementwise
+    except steadytrain.RegistryError as exc:
+        if isinstance(value, str) and value in steadytrain.losses.registry():
+            raise steadytrain.OptionError(attr.name, str(exc)) from None  # broken: say why
+        one_of(*_correction_losses())(_inst, attr, value)
+        raise
+    if not elementwise:
+        raise steadytrain.OptionError(
+            attr.name,
+            f"{value!r} compares whole vectors, but each correction is compared with 0, "
+            f"cell by cell; the loss must be one of "
+            f"{', '.join(map(repr, _correction_losses()))}",
+        )
 
 
 def _load_table(path: str, owner: str) -> Any:

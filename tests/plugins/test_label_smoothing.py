@@ -252,3 +252,96 @@ def test_low_precision_logits_give_a_float32_term_of_the_same_values():
     term = label_smoothing_term(low, targets, 0.1)
     assert term.dtype == torch.float32
     torch.testing.assert_close(term, label_smoothing_term(low.float(), targets, 0.1))
+
+
+def smoothed_grads(logits, targets, loss_of, *, class_dim=-1):
+    """The gradient that *loss_of(x)* sends to *logits* through a non-leaf ``x``, the way
+    a model's output is one, and the loss."""
+    leaf = logits.detach().requires_grad_()
+    x = leaf * 1  # a non-leaf, as a model's logits are
+    loss = loss_of(x)
+    loss.backward()
+    return loss.detach(), leaf.grad
+
+
+def cross_entropy_of(targets, class_dim, **options):
+    def loss_of(x):
+        layout = x if class_dim == 1 else torch_layout(x)
+        return F.cross_entropy(layout, targets, **options)
+    return loss_of
+
+
+@pytest.mark.parametrize("class_dim", [-1, 1])
+@pytest.mark.parametrize("ignore_index", [-100, 2])
+def test_gradient_of_cross_entropy_plus_term_is_torchs_label_smoothed_gradient(
+    class_dim, ignore_index
+):
+    logits, targets = batch(3, 5, ignore_index=ignore_index)
+    if class_dim == 1:
+        logits = torch_layout(logits).contiguous()
+    plain = cross_entropy_of(targets, class_dim, ignore_index=ignore_index)
+    smoothed = cross_entropy_of(targets, class_dim, ignore_index=ignore_index,
+                                label_smoothing=0.1)
+    loss, grad = smoothed_grads(logits, targets, lambda x: plain(x) + label_smoothing_term(
+        x, targets, 0.1, ignore_index, class_dim))
+    expected_loss, expected_grad = smoothed_grads(logits, targets, smoothed)
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def formula(x, targets, smoothing, ignore_index=-100):
+    """The term written out with plain autograd: ε·mean over kept targets of x_y − mean x."""
+    valid = targets != ignore_index
+    picked = x.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    return smoothing * ((picked - x.mean(-1)) * valid).sum() / valid.sum()
+
+
+@pytest.mark.parametrize("leaf", [True, False])
+def test_gradient_of_the_term_alone_is_that_of_its_formula(leaf):
+    logits, targets = batch(4, 3, ignored=2)
+    logits = logits.double()
+    x = logits.clone().requires_grad_()
+    source = x if leaf else x * 1
+    (grad,) = torch.autograd.grad(3 * label_smoothing_term(source, targets, 0.2), x)
+    assert grad.layout == torch.strided
+    y = logits.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(3 * formula(y, targets, 0.2), y)
+    torch.testing.assert_close(grad, expected)
+
+
+def test_a_backward_that_bypasses_the_term_gets_none_of_its_gradient_and_a_repeat_all():
+    logits, targets = batch(3, 4)
+    leaf = logits.requires_grad_()
+    x = leaf * 1
+    task = F.cross_entropy(torch_layout(x), targets)
+    total = task + label_smoothing_term(x, targets, 0.1)
+    (task_only,) = torch.autograd.grad(task, leaf, retain_graph=True)
+    first = torch.autograd.grad(total, leaf, retain_graph=True)[0]
+    second = torch.autograd.grad(total, leaf)[0]
+    reference = logits.detach().requires_grad_()
+    (expected_task,) = torch.autograd.grad(F.cross_entropy(torch_layout(reference), targets),
+                                           reference)
+    (expected,) = torch.autograd.grad(
+        F.cross_entropy(torch_layout(reference), targets, label_smoothing=0.1), reference)
+    torch.testing.assert_close(task_only, expected_task)
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)
+
+
+def test_bfloat16_logits_match_torchs_label_smoothed_cross_entropy():
+    """Against float64 references, the term's loss and gradient in bfloat16 are as close as
+    torch's own label-smoothed cross-entropy on the same bfloat16 logits."""
+    logits, targets = batch(8, 16, classes=1000, ignored=5)
+    low = logits.bfloat16()
+    plain = cross_entropy_of(targets, -1)
+    smoothed = cross_entropy_of(targets, -1, label_smoothing=0.1)
+    loss, grad = smoothed_grads(low, targets,
+                                lambda x: plain(x) + label_smoothing_term(x, targets, 0.1))
+    torch_loss, torch_grad = smoothed_grads(low, targets, smoothed)
+    exact_loss, exact_grad = smoothed_grads(low.double(), targets, smoothed)
+    assert grad.dtype == torch.bfloat16
+    error = (grad.double() - exact_grad).norm() / exact_grad.norm()
+    torch_error = (torch_grad.double() - exact_grad).norm() / exact_grad.norm()
+    assert error < 1e-2 and error < 2 * torch_error
+    torch.testing.assert_close(loss.double(), exact_loss, rtol=1e-2, atol=0)
+    torch.testing.assert_close(loss.double(), torch_loss.double(), rtol=1e-2, atol=0)
