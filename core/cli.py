@@ -30,7 +30,7 @@ import torch
 
 from . import scaffold, trace
 from ._version import __version__
-from .config import DISABLE_ENV, load_config, option_table
+from .config import DISABLE_ENV, RunConfig, load_config, option_table, read_config_file
 from .errors import ConfigError, SteadytrainError, suggest
 from .experiments.commands import add_commands
 from .hook_table import implemented_hooks
@@ -145,9 +145,20 @@ def build_model(spec: str) -> torch.nn.Module:
     return model
 
 
+def _load_checked(path: str, registry: Registry) -> RunConfig:
+    """The pipeline config of *path*; a run config of ``steadytrain run`` (with ``model``,
+    ``data`` or ``train`` tables) is validated whole."""
+    from .experiments.settings import TABLES, load_experiment
+
+    raw = read_config_file(path)
+    if isinstance(raw, dict) and any(table in raw for table in TABLES):
+        return load_experiment(path).pipeline
+    return load_config(path, registry=registry)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     registry = _registry(args)
-    config = load_config(args.file, registry=registry)
+    config = _load_checked(args.file, registry)
     pipeline = Pipeline.from_config(config, registry=registry, disable=_disabled(args))
     if args.model:
         model = build_model(args.model)

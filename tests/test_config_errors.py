@@ -313,3 +313,17 @@ def test_a_plugin_option_error_is_a_steadytrain_error_naming_the_option():
     with raises(steadytrain.OptionError, "decay: must be in (0.0, 1.0), got 1.5") as info:
         EMA.Config(decay=1.5)
     assert info.value.option == "decay"
+
+
+def test_check_validates_a_run_config_of_steadytrain_run_whole(tmp_path, capsys):
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    good = sorted((examples / "gpt").glob("*.toml"))
+    assert good
+    for path in good:
+        assert main(["check", str(path)]) == 0
+    bad = tmp_path / "run.toml"
+    bad.write_text('[train]\nsteps = 0\n\n[[plugins]]\nplugin = "z_loss"\n')
+    assert main(["check", str(bad)]) == 1
+    assert "train.steps" in capsys.readouterr().err
