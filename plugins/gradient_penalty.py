@@ -281,6 +281,13 @@ class GradientPenalty(steadytrain.Plugin):
             )
         self._generator, self._saved_rng = None, (rng.clone(), device)
 
+    @classmethod
+    def conformance_fixture(cls) -> steadytrain.testing.Fixture:
+        """The conformance kit passes the marked inputs and the logits as the scores (R1)."""
+        from steadytrain.testing import Fixture, input_gradient_forward
+
+        return Fixture(forward=input_gradient_forward)
+
 
 def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):

@@ -17,26 +17,11 @@ from steadytrain.testing import CHECKS, ConformanceError, Fixture, check_plugin,
 
 REGISTRY = Registry.discover()  # built-ins and installed third-party plugins alike
 
-#: Known failures, each with its cause; strict, so that a fix makes the test fail until the
-#: entry is removed.
-KNOWN = {
-    ("grad_clip", "records_metrics_without_host_sync"): (
-        "torch.nn.utils.clip_grads_with_norm_ calls float() on the per-group max_norm "
-        "tensor: one host sync per group and step on an accelerator"
-    ),
-}
-
-
-def cases():
-    for name in REGISTRY.names():
-        for check in CHECKS:
-            reason = KNOWN.get((name, check))
-            marks = [pytest.mark.xfail(reason=reason, strict=True, raises=ConformanceError)]
-            yield pytest.param(name, check, id=f"{name}-{check}", marks=marks if reason else [])
+CASES = [pytest.param(n, c, id=f"{n}-{c}") for n in REGISTRY.names() for c in CHECKS]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize(("name", "check"), cases())
+@pytest.mark.parametrize(("name", "check"), CASES)
 def test_every_discovered_plugin_passes_the_conformance_kit(name, check, request):
     device = request.config.getoption("conformance_device", default="cpu")
     run_check(check, REGISTRY.get(name), device=device)

@@ -25,10 +25,17 @@ from .fixture import (
     classification_batch,
     classification_forward,
     fixture_of,
+    input_gradient_forward,
     tiny_classifier,
 )
 from .host_sync import HostSyncError, no_host_sync
-from .models import TinyMemoryModel, memory_model_fixture, sequence_batch
+from .models import (
+    TinyDistillationModel,
+    TinyMemoryModel,
+    distillation_fixture,
+    memory_model_fixture,
+    sequence_batch,
+)
 from .session import Session, batches
 
 
@@ -73,12 +80,15 @@ __all__ = [
     "Fixture",
     "HostSyncError",
     "Session",
+    "TinyDistillationModel",
     "TinyMemoryModel",
     "batches",
     "check_plugin",
     "classification_batch",
     "classification_forward",
+    "distillation_fixture",
     "fixture_of",
+    "input_gradient_forward",
     "memory_model_fixture",
     "no_host_sync",
     "run_check",

@@ -59,6 +59,17 @@ def classification_forward(
     return loss, {"logits": logits}
 
 
+def input_gradient_forward(
+    model: torch.nn.Module, inputs: Any, targets: Any, instances: Sequence[Any]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`classification_forward` on inputs marked with ``requires_grad``, passed on as
+    ``outputs["inputs"]``, with the logits also as ``outputs["scores"]``: for penalties on
+    the gradient of the output with respect to the input."""
+    marked = inputs.detach().requires_grad_()
+    loss, outputs = classification_forward(model, marked, targets, instances)
+    return loss, {**outputs, "inputs": marked, "scores": outputs["logits"]}
+
+
 @attrs.frozen
 class Fixture:
     """A tiny training setup for one plugin: model, batches, forward pass and options.

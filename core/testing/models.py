@@ -1,4 +1,5 @@
-"""Tiny models for conformance fixtures: a memory model that reports gates and masks."""
+"""Tiny models for conformance fixtures: a memory model that reports gates and masks, and a
+student with a frozen teacher that report hidden states and logits."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..context import report
 from ..nn import DualMemory, MemoryGate, SoftTopK
 from .fixture import Fixture
 
@@ -48,3 +50,44 @@ def memory_model_fixture(options: Mapping[str, Any] | None = None, **settings: A
     :class:`Fixture` fields (``steps``, ``warmup_steps``, ``cpu_options``)."""
     return Fixture(model=TinyMemoryModel, batch=sequence_batch, options=options or {},
                    **settings)
+
+
+def _mlp() -> torch.nn.ModuleList:
+    return torch.nn.ModuleList([torch.nn.Linear(4, 8), torch.nn.Linear(8, 8),
+                                torch.nn.Linear(8, 3)])
+
+
+def _run(layers: torch.nn.ModuleList, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    hidden = [torch.tanh(layers[0](x))]
+    hidden.append(torch.tanh(layers[1](hidden[0])))
+    return hidden, layers[2](hidden[1])
+
+
+class TinyDistillationModel(torch.nn.Module):
+    """A 4 → 8 → 8 → 3 student and a frozen teacher of the same shape (module ``teacher``).
+
+    In a training step it reports the student's two hidden states as
+    ``outputs["hidden_states"]`` and the teacher's as ``outputs["teacher_hidden_states"]``
+    (lists, layers ``"0"`` and ``"1"``), and the teacher's logits as
+    ``outputs["teacher_logits"]``; it returns the student's logits.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.student = _mlp()
+        self.teacher = _mlp().requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, logits = _run(self.student, x)
+        with torch.no_grad():
+            teacher_hidden, teacher_logits = _run(self.teacher, x)
+        for student_state, teacher_state in zip(hidden, teacher_hidden, strict=True):
+            report("hidden_states", student_state)
+            report("teacher_hidden_states", teacher_state)
+        report("teacher_logits", teacher_logits)
+        return logits
+
+
+def distillation_fixture(options: Mapping[str, Any] | None = None, **settings: Any) -> Fixture:
+    """A :class:`Fixture` that trains :class:`TinyDistillationModel` on classification batches."""
+    return Fixture(model=TinyDistillationModel, options=options or {}, **settings)

@@ -437,3 +437,10 @@ class HiddenAlignment(steadytrain.Plugin):
         with torch.no_grad():
             for name, param in self._learnable.items():
                 param.copy_(state[name])
+
+    @classmethod
+    def conformance_fixture(cls) -> steadytrain.testing.Fixture:
+        """The conformance kit trains a student whose frozen teacher reports its outputs."""
+        from steadytrain.testing import distillation_fixture
+
+        return distillation_fixture()

@@ -235,3 +235,10 @@ class LogitDistillation(steadytrain.Plugin):
         keep = self._keep(ctx, student.shape)
         return {"kl": distillation_loss(student, teacher, temperature, keep=keep,
                                         top_k=self.config.top_k)}
+
+    @classmethod
+    def conformance_fixture(cls) -> steadytrain.testing.Fixture:
+        """The conformance kit trains a student whose frozen teacher reports its outputs."""
+        from steadytrain.testing import distillation_fixture
+
+        return distillation_fixture()
