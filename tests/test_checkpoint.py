@@ -290,7 +290,7 @@ OPTIONS = {
     "gate_smoothness": {"taps": ["gate"]},
     "sparsity_target": {"taps": ["gate"]},
     "scheduled_consolidation": {"interval": 1},
-    "stability_monitor": {"window": 2, "check_every": 1},
+    "stability_monitor": {"window": 3, "check_every": 1},
     "guard": {"check_every": 1},
 }
 
