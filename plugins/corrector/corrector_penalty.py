@@ -86,6 +86,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import pickle
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -435,7 +436,8 @@ def _load_table(path: str, owner: str) -> Any:
             return json.loads(Path(path).read_text(encoding="utf-8"))
         if path.endswith(".pt"):
             return torch.load(path, weights_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
+        # weights_only loading refuses pickled objects with an UnpicklingError
         raise steadytrain.ConfigError(f"{owner}: cannot read {path!r}: {exc}") from None
     raise steadytrain.ConfigError(f"{owner}: {path!r} must be a .json or .pt file")
 

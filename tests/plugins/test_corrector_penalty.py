@@ -523,6 +523,16 @@ def test_an_unreadable_std_file_is_an_error(tmp_path):
         pipeline(plugin)
 
 
+def test_a_std_file_holding_pickled_objects_is_refused_naming_the_option(tmp_path):
+    import collections
+
+    path = tmp_path / "std.pt"
+    torch.save({"a": collections.deque([1.0])}, path)
+    plugin = CorrectorPenalty(CorrectorPenalty.Config(std_file=str(path)))
+    with pytest.raises(steadytrain.ConfigError, match=r"corrector_penalty\.std_file: cannot"):
+        pipeline(plugin)
+
+
 # -- config and checkpoint -------------------------------------------------------------------
 
 
