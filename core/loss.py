@@ -68,8 +68,7 @@ class LossComposer:
         staged: list[tuple[str, Any]],
     ) -> torch.Tensor:
         """The combined loss of one micro-batch; raw and weighted terms go to *staged*."""
-        if task_loss is not None:
-            check_task_loss(task_loss)
+        if task_loss is not None:  # checked by the caller (check_task_loss)
             staged.append(("loss/task", task_loss))
         total = task_loss
         for key, terms in results:
