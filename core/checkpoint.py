@@ -62,7 +62,13 @@ def pipeline_state(counters: Mapping[str, int], instances: Mapping[str, object])
     """The checkpoint of a pipeline with *counters* and plugin *instances*."""
     states = {}
     for key, plugin in instances.items():
-        state = plugin.state_dict() if hasattr(plugin, "state_dict") else {}
+        try:
+            state = plugin.state_dict() if hasattr(plugin, "state_dict") else {}
+        except Exception as exc:
+            raise CheckpointError(
+                f"plugin instance {key!r}: state_dict() raised {type(exc).__name__}: {exc}; "
+                "a plugin may have no state before pipe.setup(model, optimizer)"
+            ) from exc
         if not isinstance(state, Mapping):
             raise CheckpointError(
                 f"plugin instance {key!r}: state_dict() must return a dict, got "

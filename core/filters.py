@@ -75,6 +75,21 @@ class VariableFilter:
 
     matches = staticmethod(matches)
 
+    @property
+    def selects_nothing(self) -> bool:
+        """Whether the patterns select nothing whatever the names are (no include pattern,
+        or an exclude pattern that matches every name)."""
+        return not self.include or "*" in self.exclude
+
+    def check_selects_something(self, kind: str = "name") -> None:
+        """Refuse patterns that select nothing whatever the names, unless ``allow_empty``."""
+        if self.selects_nothing and not self.allow_empty:
+            raise FilterError(
+                f"{self.owner}: include {list(self.include)} and exclude {list(self.exclude)} "
+                f"select none of the {kind}s, whatever they are, so the instance would act on "
+                "nothing; widen include or narrow exclude, or remove the instance"
+            )
+
     def select(self, names: Iterable[str], *, kind: str = "variable") -> tuple[str, ...]:
         """Return the selected names, in the order given.
 

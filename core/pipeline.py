@@ -39,6 +39,7 @@ from .checkpoint import load_instances, parse_state, pipeline_state
 from .config import RunConfig, disabled_names, load_config
 from .context import Run, StepContext, StepOutcome, _active_step
 from .errors import ConfigError, TermError, UsageError
+from .filters import VariableFilter
 from .hook_table import HookTable, name_of
 from .loss import LossComposer, check_task_loss, instance_weight
 from .registry import Registry
@@ -149,6 +150,22 @@ class Pipeline:
         return dict(self._hooks.instances)
 
     @property
+    def term_plugins(self) -> tuple[str, ...]:
+        """Ids of the instances that return loss terms (implement ``compute_regularizers``)."""
+        return self._term_plugins
+
+    @property
+    def gradient_rescalers(self) -> tuple[str, ...]:
+        """Ids of the instances that rescale gradients (``rescales_gradients``: clipping)."""
+        return tuple(key for key, plugin in self._hooks.instances.items()
+                     if getattr(plugin, "rescales_gradients", False))
+
+    @property
+    def in_step(self) -> bool:
+        """Whether a step is open (between ``before_step`` and ``consolidate``)."""
+        return self._ctx is not None
+
+    @property
     def needs_create_graph(self) -> bool:
         """Whether the host must call ``backward(create_graph=True)``."""
         return any(getattr(p, "needs_create_graph", False)
@@ -197,6 +214,10 @@ class Pipeline:
                 f"{key}.weight: the {weight.kind} schedule follows the run's progress; "
                 "pass total_steps to setup() or give the schedule horizon_steps"
             )
+        for plugin in self._hooks.instances.values():
+            selector = getattr(plugin, "filter", None)
+            if isinstance(selector, VariableFilter):
+                selector.check_selects_something()
         self.run.model = model
         self.run.optimizers = tuple(optimizers or ())
         self.run.total_steps = total_steps
@@ -204,8 +225,10 @@ class Pipeline:
             self._call("setup", self.run)
             self._is_setup = True
             if self._pending_state is not None:
-                load_instances(self._hooks.instances, self._pending_state)
-                self._pending_state = None
+                counters, states = self._pending_state
+                self._pending_state = None  # a refused state is not tried again
+                load_instances(self._hooks.instances, states)
+                self._set_counters(counters)
         except BaseException:
             self._is_setup = False
             self.run.remove_taps()
@@ -480,7 +503,9 @@ class Pipeline:
         """Restore :meth:`state_dict`; before ``setup`` the plugin states wait for it.
 
         All or nothing: the whole checkpoint is checked first, and if any instance refuses
-        its state the counters and every instance keep what they had.
+        its state the counters and every instance keep what they had. Before ``setup`` the
+        counters and states wait for it together: a state refused there fails ``setup``
+        and leaves the counters as they were.
         """
         if self._ctx is not None:
             raise UsageError(
@@ -489,8 +514,11 @@ class Pipeline:
         counters, states = parse_state(state, self._hooks.instances)
         if self._is_setup:
             load_instances(self._hooks.instances, states)
+            self._set_counters(counters)
         else:
-            self._pending_state = states
+            self._pending_state = counters, states
+
+    def _set_counters(self, counters: Mapping[str, int]) -> None:
         self.run.step = counters["step"]
         self.run.epoch = counters["epoch"]
         self.run.skipped_steps = counters["skipped_steps"]

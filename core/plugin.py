@@ -45,6 +45,9 @@ class Plugin:
     #: Whether include/exclude select anything for this plugin; when not, an instance with
     #: patterns other than the defaults is refused (they would do nothing).
     uses_filter: ClassVar[bool] = True
+    #: Whether ``after_backward`` rescales the gradients (clipping): a trainer's own clipping
+    #: would then clip twice, and adapters refuse the combination.
+    rescales_gradients: ClassVar[bool] = False
     #: Whether an instance whose patterns select nothing is fine (the technique then acts
     #: on nothing); by default :meth:`VariableFilter.select` refuses an empty selection.
     allows_empty_selection: ClassVar[bool] = False

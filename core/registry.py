@@ -129,16 +129,16 @@ class Registry:
             autoload = not os.environ.get(AUTOLOAD_ENV)
         registry = cls()
         claims: dict[str, list[PluginEntry]] = {}
-        seen: set[tuple[str, str, str]] = set()
+        seen: set[str] = set()
         for dist in metadata.distributions(**({"path": path} if path is not None else {})):
             dist_name = dist.metadata["Name"] or "?"
-            if not autoload and dist_name != OWN_DISTRIBUTION:
+            # Python imports the first copy of a distribution on the path; later copies
+            # (a stale install further down) are shadowed, and so are their entry points.
+            key = dist_name.lower().replace("-", "_")
+            if key in seen or (not autoload and dist_name != OWN_DISTRIBUTION):
                 continue
+            seen.add(key)
             for ep in dist.entry_points.select(group=GROUP):
-                marker = (ep.name, ep.value, dist_name)
-                if marker in seen:  # the same distribution found twice on the path
-                    continue
-                seen.add(marker)
                 entry = PluginEntry(ep.name, dist_name, dist.version, ep.value, entry=ep)
                 claims.setdefault(ep.name, []).append(entry)
         for name, entries in claims.items():

@@ -200,6 +200,7 @@ class GradClip(steadytrain.Plugin):
     """Clip gradients per group of parameters, each group with its own norm threshold."""
 
     name = "grad_clip"
+    rescales_gradients = True
 
     @attrs.frozen
     class Config:

@@ -67,3 +67,12 @@ def test_a_selection_of_nothing_is_an_error_unless_allowed():
 def test_on_unmatched_is_validated():
     with pytest.raises(ValueError, match="on_unmatched"):
         VariableFilter(on_unmatched="loud")
+
+
+def test_patterns_that_select_nothing_whatever_the_names_are_known_without_names():
+    assert VariableFilter(include=()).selects_nothing
+    assert VariableFilter(exclude=("*",)).selects_nothing
+    assert not VariableFilter(include=("a*",), exclude=("b*",)).selects_nothing
+    with pytest.raises(FilterError, match=r"p: include \[\] .* whatever they are"):
+        VariableFilter(include=(), owner="p").check_selects_something()
+    VariableFilter(include=(), allow_empty=True).check_selects_something()

@@ -649,3 +649,16 @@ def test_metrics_of_a_step_reach_the_store_after_the_backward(model):
     ctx = pipe.before_step()
     with pytest.raises(steadytrain.UsageError, match=r"metric 'bad' must be a scalar"):
         ctx.log("bad", torch.ones(2))
+
+
+def test_the_pipeline_says_which_instances_add_terms_and_which_rescale_gradients(model):
+    from steadytrain.plugins.grad_clip import GradClip
+    from steadytrain.plugins.label_smoothing import LabelSmoothing
+
+    pipe = Pipeline([LabelSmoothing(id="ls"), GradClip(id="clip"), L2Outputs()])
+    assert pipe.term_plugins == ("ls", "l2_outputs")
+    assert pipe.gradient_rescalers == ("clip",)
+    pipe.setup(model, None)
+    assert not pipe.in_step
+    pipe.before_step()
+    assert pipe.in_step

@@ -5,6 +5,8 @@ instance belongs, a weight or an option that cannot be applied, patterns that se
 nothing: each is an error naming the instance (or the plugin and where it comes from).
 """
 
+from importlib import metadata
+
 import attrs
 import pytest
 import torch
@@ -23,6 +25,7 @@ from steadytrain import (
     UsageError,
     hookimpl,
 )
+from steadytrain.plugins.corrector.corrector_penalty import apply_corrector
 from steadytrain.plugins.grad_norm import GradNorm
 
 # -- hooks that would never run ----------------------------------------------------------------
@@ -220,6 +223,32 @@ def test_the_id_of_a_refused_register_stays_free():
     assert list(pipe.plugins) == ["half"]
 
 
+# -- the distributions the registry reads ---------------------------------------------------------
+
+TWICE = '''
+import steadytrain
+
+
+class Good(steadytrain.Plugin):
+    """A plugin of a distribution installed twice."""
+
+    name = "good"
+'''
+
+
+def test_a_shadowed_copy_of_a_distribution_adds_no_entry_points(tmp_path, monkeypatch):
+    first, shadowed = tmp_path / "first", tmp_path / "shadowed"
+    first.mkdir()
+    shadowed.mkdir()
+    install(first, "acme-twice", "acme_twice", TWICE, {"good": "Good"})
+    install(shadowed, "acme-twice", "acme_twice", TWICE, {"good": "Good", "stale": "Gone"})
+    monkeypatch.syspath_prepend(str(shadowed))
+    monkeypatch.syspath_prepend(str(first))
+    imported = sorted(ep.name for ep in metadata.entry_points(group="steadytrain.plugins"))
+    assert "stale" not in imported
+    assert Registry.discover().names() == imported
+
+
 # -- options the core would shadow ---------------------------------------------------------
 
 #: The keys of a config entry the core reads for every instance.
@@ -365,17 +394,18 @@ class Tiny(nn.Module):
 OPTIONS = {name: {"taps": ["gate"]}
            for name in ("gate_entropy", "gate_smoothness", "sparsity_target")}
 #: Plugins that resolve their patterns when the names first appear in a step, not in setup.
-#: (The corrected variables are known only when a step records them.)
-RESOLVED_LATER = ("corrector_penalty", "pre_corrector_optimization")
+RESOLVED_LATER = {
+    "corrector_penalty": "the corrected variables are known at the first step",
+    "pre_corrector_optimization": "the corrected variables are known at the first step",
+}
 REGISTRY = Registry.discover()
 SELECTING_NOTHING = {"include": {"include": []}, "exclude": {"exclude": ["*"]}}
 
 
 def cases():
     for name in REGISTRY.names():
-        if name not in RESOLVED_LATER:
-            for option in SELECTING_NOTHING:
-                yield pytest.param(name, option, id=f"{name}-{option}")
+        for option in SELECTING_NOTHING:
+            yield pytest.param(name, option, id=f"{name}-{option}")
 
 
 def instance(name, option):
@@ -402,18 +432,25 @@ def test_an_instance_whose_patterns_select_nothing_is_refused_at_setup(name, opt
     assert not pipe.is_setup
 
 
-@pytest.mark.parametrize("option", SELECTING_NOTHING)
-@pytest.mark.parametrize("name", RESOLVED_LATER)
-def test_a_corrector_plugin_that_selects_nothing_is_refused_by_its_first_step(name, option):
-    from steadytrain.plugins.corrector.corrector_penalty import record_corrections
+#: Patterns that select nothing only once the names are known (the variable is "t").
+EXCLUDING_THE_NAMES = {"exclude": {"exclude": ["t"]}, "include": {"include": ["u*"],
+                                                                   "on_unmatched": "ignore"}}
 
+
+@pytest.mark.parametrize("option", EXCLUDING_THE_NAMES)
+@pytest.mark.parametrize("name", RESOLVED_LATER)
+def test_an_instance_resolving_at_its_first_step_that_selects_nothing_is_refused_there(
+    name, option
+):
     model = Tiny()
+    entry = {"plugin": name, "id": "sel", **EXCLUDING_THE_NAMES[option]}
+    pipe = set_up(Pipeline.from_config({"plugins": [entry]}, registry=REGISTRY))
     with raises(FilterError, "sel: include", "select none of the corrected variables"):
-        pipe = set_up(instance(name, option))
         pipe.before_step()
-        pre = {"t": model(torch.randn(2, 4))}
-        record_corrections(pre, {"t": pre["t"].clamp(min=0.4)})
-        pipe.compute_loss(pre["t"].sum())
+        fields = apply_corrector(lambda f: {"t": f["t"].clamp(min=0.4)},
+                                 {"t": model(torch.randn(2, 4))})
+        for_loss = getattr(pipe.plugins["sel"], "for_loss", lambda fields: fields)
+        pipe.compute_loss(for_loss(fields)["t"].sum())
 
 
 def test_every_plugin_has_the_options_it_needs_to_select_in_the_tiny_model():
@@ -437,3 +474,79 @@ def test_a_string_pattern_is_refused_in_a_config(option):
                 'write ["enc.*"]'):
         steadytrain.load_config({"plugins": [{"plugin": "grad_norm", option: "enc.*"}]},
                                 registry=REGISTRY)
+
+
+# -- assembly from a config -------------------------------------------------------------------
+
+
+def test_from_config_discovers_the_registry_once(monkeypatch):
+    calls = []
+    discover = Registry.discover.__func__
+
+    def counted(cls, **kwargs):
+        calls.append(kwargs)
+        return discover(cls, **kwargs)
+
+    monkeypatch.setattr(Registry, "discover", classmethod(counted))
+    pipe = Pipeline.from_config({"plugins": [{"plugin": "grad_norm"}, {"plugin": "ema"}]})
+    assert list(pipe.plugins) == ["grad_norm", "ema"]
+    assert len(calls) == 1
+
+
+def test_an_instance_config_carries_its_plugin_class():
+    config = steadytrain.load_config({"plugins": [{"plugin": "grad_norm", "id": "norms"}]},
+                                     registry=REGISTRY)
+    (entry,) = config.plugins
+    assert entry.factory is GradNorm
+    plugin = entry.build()
+    assert type(plugin) is GradNorm and plugin.id == "norms"
+
+
+def test_an_instance_config_without_its_class_cannot_be_built():
+    entry = steadytrain.InstanceConfig(plugin="grad_norm", options=GradNorm.Config(), id="n")
+    with raises(ConfigError, "n: this InstanceConfig does not know its plugin class",
+                "steadytrain.load_config"):
+        entry.build()
+
+
+# -- one name for an instance's identity -------------------------------------------------------
+
+
+class Named(steadytrain.Plugin):
+    """Records the id it sees in its hooks, logs, returns a term and asks to skip."""
+
+    name = "named"
+    seen = ()
+
+    @hookimpl
+    def compute_regularizers(self, ctx):
+        self.seen = (*self.seen, ctx.id)
+        ctx.log("seen", 1.0)
+        return {"t": ctx.outputs["pred"].pow(2).mean()}
+
+    @hookimpl
+    def after_backward(self, ctx):
+        self.seen = (*self.seen, ctx.id)
+        ctx.request_skip("asked", when=False)
+        if ctx.step == 1:
+            raise RuntimeError("boom")
+
+
+def test_an_instance_is_named_by_its_id_in_the_plugin_the_context_metrics_and_errors(model):
+    left = Named(id="left")
+    pipe = Pipeline([left, Named(id="right")]).setup(model, None)
+    assert list(pipe.plugins) == ["left", "right"] and left.id == "left"
+    for step in range(2):
+        pipe.before_step()
+        pred = model(torch.randn(3, 4))
+        pipe.compute_loss(pred.sum(), outputs={"pred": pred})
+        if step == 0:
+            outcome = pipe.after_backward()
+            pipe.consolidate()
+    assert left.seen == ("left", "left", "left")
+    assert [r.id for r in outcome.requests] == ["left", "right"]
+    assert {"left/seen", "reg/left/t", "reg_weighted/right/t"} <= set(pipe.metrics())
+    with raises(steadytrain.HookError, "plugin instance 'left' (named)", "after_backward",
+                "step 1", "boom") as info:
+        pipe.after_backward()
+    assert (info.value.id, info.value.hook, info.value.step) == ("left", "after_backward", 1)

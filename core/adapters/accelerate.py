@@ -6,8 +6,9 @@ and, under fp16, drives it through a ``GradScaler``::
 
     for index, (x, y) in enumerate(loader):
         with accelerator.accumulate(model):
-            pipe.before_step(batch=x, targets=y, micro_batch=index % k,
-                             num_micro_batches=k, loss_scale=1.0)
+            window = index - index % k                # the last one may be shorter
+            pipe.before_step(batch=x, targets=y, micro_batch=index - window,
+                             num_micro_batches=min(k, len(loader) - window), loss_scale=1.0)
             logits = model(x)
             loss = pipe.compute_loss(F.cross_entropy(logits, y), outputs={"logits": logits})
             accelerator.backward(loss)                # divides by k itself
@@ -18,7 +19,8 @@ and, under fp16, drives it through a ``GradScaler``::
                 pipe.consolidate()
                 optimizer.zero_grad()
 
-The Hugging Face ``Trainer`` adapter steps its optimizer through :func:`step_optimizer` too.
+``docs/accelerate.md`` has the whole loop. The Hugging Face ``Trainer`` adapter steps its
+optimizer through :func:`step_optimizer` too.
 """
 
 from __future__ import annotations
@@ -29,6 +31,19 @@ from accelerate.optimizer import AcceleratedOptimizer
 import steadytrain
 
 
+class _DecidingScaler:
+    """A gradient scaler whose overflow check also holds the pipeline's skip decision."""
+
+    def __init__(self, scaler: torch.amp.GradScaler, outcome: steadytrain.StepOutcome) -> None:
+        self.scaler, self.outcome = scaler, outcome
+
+    def step(self, optimizer: torch.optim.Optimizer, *_closure: object) -> None:
+        steadytrain.step_optimizer(optimizer, self.outcome, scaler=self.scaler)
+
+    def update(self) -> None:
+        self.scaler.update()
+
+
 def step_optimizer(
     optimizer: AcceleratedOptimizer | torch.optim.Optimizer, outcome: steadytrain.StepOutcome
 ) -> None:
@@ -37,10 +52,11 @@ def step_optimizer(
     Without a gradient scaler the wrapped torch optimizer is stepped by
     :func:`steadytrain.step_optimizer`: a fused Adam, AdamW, SGD or Adagrad takes the
     decision on the device as ``found_inf``, any other optimizer reads it once. Under fp16
-    with a ``GradScaler`` the decision is read on the host (the scaler reads its own
-    overflow flag on the host as well): a step to keep goes through Accelerate's own
-    ``optimizer.step()``, a skipped one only lets the scaler update its scale. Call it
-    where the loop would call ``optimizer.step()``, once the gradients are synchronized.
+    Accelerate's own step runs, with the decision added to its ``GradScaler``'s overflow
+    check as :func:`steadytrain.step_optimizer` adds it: a skipped step backs the scale off
+    as an overflow does, and for an optimizer that is not fused Accelerate reports it in
+    ``optimizer.step_was_skipped``. Call it where the loop would call ``optimizer.step()``,
+    once the gradients are synchronized.
     """
     if not isinstance(optimizer, AcceleratedOptimizer):
         steadytrain.step_optimizer(optimizer, outcome)
@@ -48,9 +64,11 @@ def step_optimizer(
     scaler = optimizer.scaler
     if scaler is None:
         steadytrain.step_optimizer(optimizer.optimizer, outcome)
-    elif outcome.skip:
-        scaler.update()
-    else:
+        return
+    optimizer.scaler = _DecidingScaler(scaler, outcome)
+    try:
         # The class's step, not the instance's: the Trainer adapter routes the instance's
         # step through this function.
         AcceleratedOptimizer.step(optimizer)
+    finally:
+        optimizer.scaler = scaler

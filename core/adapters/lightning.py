@@ -56,7 +56,6 @@ __all__ = ["PipelineCallback", "PipelineLossMixin"]
 log = structlog.get_logger("steadytrain")
 
 #: Plugins that clip gradients; Lightning's own clipping would clip them a second time.
-CLIPPING_PLUGINS = frozenset({"grad_clip"})
 #: The checkpoint entry that ``save_eval_weights`` adds.
 EVAL_WEIGHTS_KEY = "eval_state_dict"
 
@@ -138,12 +137,6 @@ def _hold_step(
     return False
 
 
-def _term_plugins(pipeline: Pipeline) -> list[str]:
-    """Ids of the instances that add terms to the loss (``compute_regularizers``)."""
-    return [key for key, plugin in pipeline.plugins.items()
-            if callable(getattr(plugin, "compute_regularizers", None))]
-
-
 class PipelineCallback(pl.Callback):
     """Runs a steadytrain pipeline inside ``lightning.pytorch.Trainer``.
 
@@ -221,7 +214,7 @@ class PipelineCallback(pl.Callback):
             optimizers, total = (), self._total_steps or max(pipeline.run.step, 1)
         pipeline.setup(module, optimizers, total_steps=total)
         self._pipeline, self._stage = pipeline, stage
-        self._term_ids = _term_plugins(pipeline)
+        self._term_ids = list(pipeline.term_plugins)
         self._graph_checked = False
         return pipeline
 
@@ -261,7 +254,7 @@ class PipelineCallback(pl.Callback):
                 f"PipelineCallback runs in one process; this Trainer has world_size "
                 f"{trainer.world_size}. Train with devices=1"
             )
-        adders = _term_plugins(pipeline)
+        adders = list(pipeline.term_plugins)
         if adders and not isinstance(module, PipelineLossMixin):
             raise UsageError(
                 f"{type(module).__name__}: plugin instance(s) {', '.join(adders)} add terms "
@@ -269,8 +262,7 @@ class PipelineCallback(pl.Callback):
                 "return self.pipeline_loss(task_loss, outputs=...) from training_step"
             )
         clip = trainer.gradient_clip_val
-        clippers = [key for key, plugin in pipeline.plugins.items()
-                    if getattr(plugin, "name", None) in CLIPPING_PLUGINS]
+        clippers = pipeline.gradient_rescalers
         if clip and clippers:
             raise ConfigError(
                 f"Trainer(gradient_clip_val={clip}) and plugin instance(s) "

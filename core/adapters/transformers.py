@@ -45,6 +45,9 @@ import steadytrain
 
 from .accelerate import step_optimizer
 
+__all__ = ["STATE_FILE", "SteadytrainCallback", "SteadytrainMixin",
+           "SteadytrainTrainer"]
+
 if not hasattr(Trainer, "loss_is_scaled_for_ga"):
     raise ImportError(
         "steadytrain.adapters.transformers needs a transformers whose Trainer has "
@@ -53,21 +56,11 @@ if not hasattr(Trainer, "loss_is_scaled_for_ga"):
 
 #: The pipeline's state inside each of the Trainer's checkpoint folders.
 STATE_FILE = "steadytrain.pt"
-#: Built-in plugins that rescale gradients in ``after_backward``.
-CLIPPING_PLUGINS = ("grad_clip",)
-#: Hooks that only run when the loss goes through the pipeline.
-LOSS_HOOKS = ("before_step", "compute_regularizers")
 
 
-def _instances_with(pipeline: steadytrain.Pipeline, hooks: tuple[str, ...]) -> list[str]:
-    return [key for key, plugin in pipeline.plugins.items()
-            if any(callable(getattr(plugin, hook, None)) for hook in hooks)]
-
-
-def check_arguments(pipeline: steadytrain.Pipeline, args: TrainingArguments) -> None:
+def _check_arguments(pipeline: steadytrain.Pipeline, args: TrainingArguments) -> None:
     """Raise :class:`steadytrain.ConfigError` for training arguments that defeat a plugin."""
-    clippers = [key for key, plugin in pipeline.plugins.items()
-                if getattr(plugin, "name", None) in CLIPPING_PLUGINS]
+    clippers = list(pipeline.gradient_rescalers)
     if clippers and args.max_grad_norm and args.max_grad_norm > 0:
         raise steadytrain.ConfigError(
             f"TrainingArguments.max_grad_norm is {args.max_grad_norm} (1.0 unless set) and "
@@ -123,7 +116,7 @@ class SteadytrainCallback(TrainerCallback):
                 "train() was called again with the same pipeline; build a new Trainer and "
                 "Pipeline, and pass resume_from_checkpoint to continue a run"
             )
-        check_arguments(pipe, args)
+        _check_arguments(pipe, args)
         if self.resume_from is not None:
             pipe.load_state_dict(self._read_state(self.resume_from))
         pipe.setup(model, optimizer.optimizer, total_steps=state.max_steps)
@@ -184,9 +177,9 @@ class SteadytrainCallback(TrainerCallback):
         plugins' terms, scaled the way the Trainer expects it back from ``compute_loss``.
 
         *window_normalized* says that *task_loss* is already divided by the size of the
-        whole accumulation window (``num_items_in_batch``), so that the Trainer does not
-        divide it by the number of micro-batches: the pipeline then gets it back as the
-        micro-batch's mean, and the sum is divided here instead.
+        whole step (``num_items_in_batch``), so that the Trainer will not divide it by the
+        number of micro-batches *k*: the pipeline then gets ``k · task_loss``, the
+        micro-batch's mean, and the combined loss is divided by *k* here instead.
         """
         k = num_micro_batches
         if window_normalized and k != 1:
@@ -206,16 +199,15 @@ class SteadytrainCallback(TrainerCallback):
                               control: TrainerControl, **kwargs: Any) -> None:
         pipe = self.pipeline
         if self._micro_batch == 0:
-            needy = _instances_with(pipe, LOSS_HOOKS)
-            if needy:
-                raise steadytrain.UsageError(
-                    f"optimizer step {state.global_step}: no micro-batch went through the "
-                    f"pipeline's loss, but plugin instance(s) {', '.join(map(repr, needy))} "
-                    "work on it; their terms would be missing. Put SteadytrainMixin first "
-                    "among the Trainer's bases and call super().compute_loss() from any "
-                    "compute_loss you write"
-                )
-            pipe.before_step()
+            terms = list(pipe.term_plugins)
+            what = (f"plugin instance(s) {', '.join(map(repr, terms))} would train without "
+                    "their terms" if terms else "the plugins would see no loss")
+            raise steadytrain.UsageError(
+                f"optimizer step {state.global_step}: no micro-batch went through the "
+                f"pipeline's loss, so {what}. Put SteadytrainMixin first among the "
+                "Trainer's bases and call super().compute_loss() from any compute_loss you "
+                "write"
+            )
         self._micro_batch = None
         self._outcome = pipe.after_backward()
 
@@ -261,7 +253,7 @@ class SteadytrainMixin:
     def __init__(self, *args: Any, pipeline: steadytrain.Pipeline, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.steadytrain = SteadytrainCallback(pipeline)
-        check_arguments(pipeline, self.args)
+        _check_arguments(pipeline, self.args)
         self.add_callback(self.steadytrain)
 
     @property
