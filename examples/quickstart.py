@@ -34,7 +34,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import steadytrain  # noqa: E402
-from steadytrain.plugins.guard import guarded_step  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BATCH = 64
@@ -76,7 +75,7 @@ class Training:
             loss = pipe.compute_loss(F.cross_entropy(logits, y), outputs={"logits": logits})
             loss.backward()
             outcome = pipe.after_backward()
-            guarded_step(optimizer, outcome)  # steps unless a plugin asked to skip
+            steadytrain.step_optimizer(optimizer, outcome)  # unless a plugin asked to skip
             pipe.consolidate()
             optimizer.zero_grad()
         pipe.epoch_end()
