@@ -10,12 +10,13 @@ for these loops:
 
 * ``none``: an empty pipeline, ``optimizer.step()``;
 * ``guard+skip``: the guard, ``if not outcome.skip: optimizer.step()``;
-* ``guard+guarded_step``: the guard, ``guarded_step(optimizer, outcome)``;
+* ``guard+step_optimizer``: the guard, ``step_optimizer(optimizer, outcome)``;
 * ``monitor``: the stability monitor alone, ``optimizer.step()``.
 
-The guard checks its counters every ``check_every`` (10) steps and the monitor every 100;
-those reads are in the ``consolidate`` column. Warm-up steps (the first step of a fused
-optimizer costs one sync in ``guarded_step``) are not counted.
+Every ``check_every`` (10) steps the guard copies its counters to pinned host memory and
+reads them once they have arrived, without waiting; the monitor reads its own every 100
+steps. Reads that sync are in the ``consolidate`` column. Warm-up steps (the first step
+of a fused optimizer costs one sync in ``step_optimizer``) are not counted.
 
 ``time`` measures the hooks alone (no forward, backward or optimizer step; gradients set
 once) on the CPU: median seconds per step of ``before_step`` … ``consolidate`` with an empty
@@ -37,8 +38,8 @@ from collections.abc import Callable
 import structlog
 import torch
 
-from steadytrain import Pipeline
-from steadytrain.plugins.guard import Guard, guarded_step
+from steadytrain import Pipeline, step_optimizer
+from steadytrain.plugins.guard import Guard
 from steadytrain.plugins.stability_monitor import StabilityMonitor
 
 PHASES = ("forward_backward", "after_backward", "optimizer_step", "consolidate")
@@ -80,8 +81,8 @@ def count_syncs(variant: str, device: str, steps: int, warmup: int) -> dict[str,
         pipe.compute_loss(model(x).pow(2).mean()).backward()
 
     def step(outcome) -> None:
-        if variant == "guard+guarded_step":
-            guarded_step(opt, outcome)
+        if variant == "guard+step_optimizer":
+            step_optimizer(opt, outcome)
         elif variant == "guard+skip":
             if not outcome.skip:
                 opt.step()
@@ -162,7 +163,7 @@ def main() -> None:
             print("(no CUDA: sync debug mode reports nothing on the CPU; counts are 0)\n")
         print("| loop | " + " | ".join(PHASES) + " | total / step |")
         print("|---" * (len(PHASES) + 2) + "|")
-        for variant in ("none", "guard+skip", "guard+guarded_step", "monitor"):
+        for variant in ("none", "guard+skip", "guard+step_optimizer", "monitor"):
             per_phase = count_syncs(variant, args.device, args.steps, warmup=3)
             results[variant] = per_phase
             cells = " | ".join(f"{per_phase[p]:.2f}" for p in PHASES)

@@ -9,18 +9,22 @@ What it does
     run emits the structlog event ``consolidation.ran``.
 
 When to use it
-    With models that keep memories outside their parameters: consolidating at random or
-    at every step makes the long-term memory, and with it the loss, jump. The document
-    traces part of its 4-5× loss oscillations to random consolidation.
+    With models that keep memories outside their parameters and move them from one store
+    to another (short-term to long-term memory). The memory-model document counts random
+    consolidation among the discontinuous operations it blames for its 4-5× loss
+    oscillations, and asks for consolidation at regular intervals instead.
 
 Hyperparameters
     ``interval`` (default 500 optimizer steps, 0 to turn it off) and ``at_epoch_end``
-    (default false); at least one must be on. ``include``/``exclude`` select modules by
-    name among those that implement the protocol.
+    (default false); at least one must be on. The default interval is this plugin's
+    choice: the source names no value. ``include``/``exclude`` select modules by name
+    among those that implement the protocol; each selected module's ``consolidate`` must
+    be callable without arguments, which ``setup`` checks.
 
 Source
-    The memory-model stability document (seed 000), section 3: "consolidate at regular
-    intervals, not randomly", with an interval of 500 steps.
+    The memory-model stability document (seed 000), section 3 "Stable Memory
+    Consolidation": consolidate "at regular intervals, not randomly", every
+    ``config.consolidation_interval`` steps, a value the document does not give.
 
 Caveats
     A skipped optimizer step (non-finite gradients, a loss spike) does not consolidate:
@@ -35,6 +39,7 @@ Caveats
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -110,9 +115,36 @@ class ScheduledConsolidation(steadytrain.Plugin):
             )
         names = self.filter.select(found, kind="consolidating module")
         self.modules = {name: found[name] for name in names}
+        for name, module in self.modules.items():
+            self._check_protocol(name, module)
         self.last_step: int | None = None
         self.pending = False
         self.runs = 0
+
+    def _check_protocol(self, name: str, module: torch.nn.Module) -> None:
+        """Refuse a module whose ``consolidate`` cannot be called without arguments."""
+        method = module.consolidate
+        # A submodule's own signature is (*args, **kwargs): what it needs is its forward's.
+        if isinstance(method, torch.nn.Module):
+            method = method.forward
+        try:
+            signature = inspect.signature(method)
+        except TypeError:
+            problem = f"its consolidate is a {type(method).__name__}, not a method"
+        else:
+            try:
+                signature.bind()
+                return
+            except TypeError:
+                problem = f"its consolidate{signature} takes required arguments"
+        what = f"module {name!r}" if name else "the model"
+        hint = f"exclude = [{name!r}]" if name else "remove this plugin"
+        raise steadytrain.ConfigError(
+            f"{self.id}: {what} ({type(module).__name__}) does not implement "
+            f"steadytrain.nn.Consolidating: {problem}, and the plugin calls consolidate() "
+            f"with none; give it a consolidate() that needs no arguments, or leave it out "
+            f"({hint})"
+        )
 
     @steadytrain.hookimpl
     def consolidate(self, ctx: steadytrain.StepContext) -> None:

@@ -11,10 +11,10 @@ What it does
 
     The term of one forward step is the mean over the selected variables that the
     corrector changed at that step, ``Σ_v w_v · loss_v / N`` (``w_v`` the optional
-    per-variable weights): variables that are not selected or not present do not dilute
-    it. In a multi-step rollout, forward step ``i`` counts with ``(1 + α·i)^(−1/2)`` and
-    the steps are summed (``step_reduction = "sum"``, as the task loss of a rollout is) or
-    averaged.
+    per-variable weights): variables that are not selected, not present, or masked out
+    in every cell do not dilute it. In a multi-step rollout, forward step ``i`` counts
+    with ``(1 + α·i)^(−1/2)`` and the steps are summed (``step_reduction = "sum"``, as the
+    task loss of a rollout is) or averaged.
 
     A model records its corrections with one call inside ``forward``::
 
@@ -24,6 +24,8 @@ What it does
     Each call adds one set (one forward step) to ``ctx.outputs["corrections"]``; a host
     may instead pass ``outputs={"corrections": [...]}`` to ``Pipeline.compute_loss``,
     with either :class:`Correction` objects or plain ``post − pre`` tensors as values.
+    The same records drive ``pre_corrector_optimization`` (the task loss of selected
+    variables on their values before the corrector); the two combine.
 
 When to use it
     A model whose outputs pass through a corrector during training, when the corrector
@@ -42,8 +44,13 @@ Hyperparameters
     default 0), ``source`` (the outputs key; one instance per realm reads e.g.
     ``ocean_corrections``), ``on_detached`` (``"error"`` or ``"warn"``).
 
-    Filters: ``include`` / ``exclude`` match the corrected variable names, resolved once
-    against the variables the corrector changed on the first step. ``#`` matches
+    Filters: ``include`` / ``exclude`` match the names of the recorded corrections. They
+    are checked once, against every variable recorded in the first micro-batch that
+    records any (all its forward steps): a pattern that matches none is an error, and so
+    is a selection that is empty. Each distinct set of recorded names is then resolved
+    the first time it appears and cached, so that a later step costs a lookup; a set
+    first seen later (a corrector that changes some variables only on some steps) is
+    resolved against the same patterns without the matching check. ``#`` matches
     digits: ``exclude = ["thetao_#"]`` drops ``thetao_0`` … ``thetao_N``;
     ``exclude = ["sea_ice_fraction"]`` keeps sea ice free to be clamped.
 
@@ -51,6 +58,12 @@ Source
     Seed 001: a climate emulator (ACE) pull request adding a corrector regularization,
     with L2 recommended, the 0.2/1.0/5.0 sweep, a request to exclude sea ice, and the fix
     that joins the task loss and the penalty in one backward under gradient accumulation.
+    The published implementation is Ai2's ``fme`` (``ai2cm/ace``: ``fme/core/loss.py``,
+    ``CorrectorRegularizationConfig`` and ``WeightedMappingLoss``); on the same
+    corrections this plugin's term equals its ``weight · loss(corrections, 0).total()``
+    in value and gradient (tested to a relative 1e-14 in float64, per-sample masks
+    included), except that ``fme`` averages over every output variable, those the
+    corrector left alone included (``N_out`` instead of ``N``).
 
 Caveats
     The penalty shares the forward graph with the task loss: it must go through the same
@@ -61,14 +74,16 @@ Caveats
     warns with ``on_detached = "warn"``. Plain tensors passed by the host can only be
     checked for being detached altogether. NaN in the corrections (land points) must be
     marked by a mask (``mask=`` of the recording helpers); an unmasked NaN makes the term
-    non-finite, which the core reports.
+    non-finite, which the core reports. A variable whose mask is false in every cell
+    leaves the mean of that forward step; its ``var/<name>`` metric records 0 for that
+    step (telling it apart would cost a host sync).
 """
 
 from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -84,6 +99,11 @@ RELATIVE_LOSSES = ("relative_mse", "relative_l2", "relative_l1", "rel_l2", "rel_
 DEFAULT_SOURCE = "corrections"
 #: Steps on which an inconclusive straight-through probe (corrector changed nothing) is retried.
 PROBE_STEPS = 8
+
+
+class CorrectionError(steadytrain.SteadytrainError, ValueError):
+    """Recorded corrections that cannot be used: the message names the instance (or the
+    function), the outputs key and the variable, and says what to change."""
 
 
 @attrs.frozen(eq=False)
@@ -124,6 +144,12 @@ def record_corrections(
     every variable or a mapping variable → mask. Outside a training step this does
     nothing.
     """
+    for what, fields in (("pre", pre), ("post", post)):
+        if not isinstance(fields, Mapping):
+            raise CorrectionError(
+                f"record_corrections: {what} must be a mapping of variable name → tensor, "
+                f"got {type(fields).__name__}"
+            )
     masks = mask if isinstance(mask, Mapping) else None
     steadytrain.report(
         source,
@@ -143,7 +169,13 @@ def apply_corrector(
     source: str = DEFAULT_SOURCE,
 ) -> dict[str, torch.Tensor]:
     """Run *corrector* on *fields*, record what it changed, and return the corrected fields."""
-    corrected = dict(corrector(dict(fields)))
+    corrected = corrector(dict(fields))
+    if not isinstance(corrected, Mapping):
+        raise CorrectionError(
+            f"apply_corrector: the corrector {getattr(corrector, '__name__', corrector)!r} "
+            f"must return a mapping of variable name → tensor, got {type(corrected).__name__}"
+        )
+    corrected = dict(corrected)
     record_corrections(fields, corrected, mask=mask, source=source)
     return corrected
 
@@ -152,31 +184,35 @@ def _float32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def correction_losses(
+ValidCount = int | torch.Tensor
+
+
+def _losses(
     deltas: Sequence[torch.Tensor],
     std: Sequence[float],
     *,
-    loss: str = "mse",
-    masks: Sequence[torch.Tensor | None] | None = None,
-    area_weights: torch.Tensor | None = None,
-    delta: float = 1.0,
-) -> torch.Tensor:
-    """Per-variable ``loss(delta_v / std_v, 0)``, averaged over each variable's valid cells.
+    loss: str,
+    masks: Sequence[torch.Tensor | None] | None,
+    area_weights: torch.Tensor | None,
+    delta: float,
+) -> tuple[torch.Tensor, ValidCount]:
+    """The per-variable losses and how many variables have a valid cell.
 
-    Returns a tensor of shape ``(len(deltas),)``. ``masks[v]`` (True = valid) removes
-    cells, NaN included; ``area_weights`` (broadcastable to every delta) weights the
-    cells of ``"area_mse"``. 16-bit corrections are evaluated in float32.
+    The count is an int unless masks decide it; then it is a device tensor (no sync).
     """
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    check(loss, one_of(*LOSSES), "correction_losses: loss")
+    if len(std) != len(deltas):
+        raise steadytrain.ConfigError(
+            f"correction_losses: {len(deltas)} corrections but {len(std)} std values"
+        )
     scaled = torch._foreach_div([_float32(d) for d in deltas], list(std))
-    masks = masks or [None] * len(scaled)
+    masks = list(masks) if masks is not None else [None] * len(scaled)
     # where() rather than a product: 0·NaN is NaN, and its gradient would be NaN too.
     scaled = [x if m is None else torch.where(m, x, 0.0)
               for x, m in zip(scaled, masks, strict=True)]
     if loss == "area_mse":
         if area_weights is None:
-            raise ValueError("loss 'area_mse' needs area_weights")
+            raise steadytrain.ConfigError("correction_losses: loss 'area_mse' needs area_weights")
         cells = [area_weights.expand_as(x) if m is None else area_weights * m
                  for x, m in zip(scaled, masks, strict=True)]
         sums = [(c * x.square()).sum() for c, x in zip(cells, scaled, strict=True)]
@@ -194,9 +230,50 @@ def correction_losses(
                     for x in scaled]
         counts = [x.numel() if m is None else m.expand_as(x).sum()
                   for x, m in zip(scaled, masks, strict=True)]
-    if all(isinstance(c, int) for c in counts):
-        return torch.stack(torch._foreach_div(list(sums), counts))
-    return torch.stack([s / c for s, c in zip(sums, counts, strict=True)])
+    # Unmasked variables are valid when they have cells (known on the host); masked ones
+    # when the mask keeps a cell (known on the device).
+    valid = [x.numel() > 0 if m is None else c > 0
+             for x, m, c in zip(scaled, masks, counts, strict=True)]
+    # A variable without valid cells has a sum of 0: divide it by 1, so that its value and
+    # its gradient are 0 rather than 0/0.
+    divisors = [torch.where(v, c, 1.0) if isinstance(v, torch.Tensor) else (c if v else 1)
+                for c, v in zip(counts, valid, strict=True)]
+    if all(isinstance(d, int) for d in divisors):
+        losses = torch.stack(torch._foreach_div(list(sums), divisors))
+    else:
+        losses = torch.stack([s / d for s, d in zip(sums, divisors, strict=True)])
+    on_device = [v for v in valid if isinstance(v, torch.Tensor)]
+    on_host = sum(1 for v in valid if v is True)
+    if not on_device:
+        return losses, on_host
+    return losses, torch.stack(on_device).sum() + on_host
+
+
+def _mean_over_valid(values: torch.Tensor, valid: ValidCount) -> torch.Tensor:
+    """The mean of *values* over the valid variables (0 when none is); invalid ones hold 0."""
+    if isinstance(valid, torch.Tensor):
+        return values.sum() / valid.clamp(min=1)
+    return values.mean() if valid == len(values) else values.sum() / max(valid, 1)
+
+
+def correction_losses(
+    deltas: Sequence[torch.Tensor],
+    std: Sequence[float],
+    *,
+    loss: str = "mse",
+    masks: Sequence[torch.Tensor | None] | None = None,
+    area_weights: torch.Tensor | None = None,
+    delta: float = 1.0,
+) -> torch.Tensor:
+    """Per-variable ``loss(delta_v / std_v, 0)``, averaged over each variable's valid cells.
+
+    Returns a tensor of shape ``(len(deltas),)``. ``masks[v]`` (True = valid) removes
+    cells, NaN included; a variable without a valid cell gives 0, with no gradient.
+    ``area_weights`` (broadcastable to every delta) weights the cells of ``"area_mse"``.
+    16-bit corrections are evaluated in float32.
+    """
+    return _losses(deltas, std, loss=loss, masks=masks, area_weights=area_weights,
+                   delta=delta)[0]
 
 
 def corrector_penalty(
@@ -211,11 +288,16 @@ def corrector_penalty(
     """``Σ_v w_v · loss((post_v − pre_v) / std_v, 0) / N`` over the variables of *corrections*.
 
     Values are :class:`Correction` objects or ``post − pre`` tensors; ``w_v`` defaults to
-    1. For any training loop; the plugin adds filters, rollouts, metrics and checks.
+    1. ``N`` counts the variables with at least one valid cell (a variable masked out
+    everywhere leaves the mean; with none left the penalty is 0). For any training loop;
+    the plugin adds filters, rollouts, metrics and checks.
     """
     names = list(corrections)
     entries = [corrections[n] for n in names]
-    losses = correction_losses(
+    missing = [n for n in names if n not in std]
+    if missing:
+        raise steadytrain.ConfigError(f"corrector_penalty: no std for {', '.join(missing)}")
+    losses, valid = _losses(
         [e.delta if isinstance(e, Correction) else e for e in entries],
         [std[n] for n in names],
         loss=loss,
@@ -224,18 +306,60 @@ def corrector_penalty(
         delta=delta,
     )
     weights = variable_weights or {}
-    return (losses * losses.new_tensor([weights.get(n, 1.0) for n in names])).mean()
+    return _mean_over_valid(losses * losses.new_tensor([weights.get(n, 1.0) for n in names]),
+                            valid)
 
 
-def _loss_type(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
-    if value in RELATIVE_LOSSES:
-        raise steadytrain.OptionError(
-            attr.name,
-            f"{value!r} is a relative norm ‖x−y‖/‖y‖, but the target of this penalty is zero "
-            "(the correction post − pre is compared with 0), so it would divide by zero; "
-            f"use one of {', '.join(map(repr, LOSSES))}",
-        )
-    one_of(*LOSSES)(_inst, attr, value)
+class CorrectionSelection:
+    """An instance's include/exclude patterns applied to the names of recorded corrections.
+
+    The names are known only once a step records corrections, so :meth:`check` runs the
+    filter's checks (patterns that match nothing, an empty selection) once, on every name
+    of the first micro-batch that records any; calling the object selects from one set of
+    names, resolved the first time that set appears and cached (a forward step whose
+    variables are all excluded selects nothing, which is fine). Shared by the plugins that
+    read corrections.
+    """
+
+    def __init__(self, filter: steadytrain.VariableFilter) -> None:
+        self.filter = filter
+        self._quiet = attrs.evolve(filter, on_unmatched="ignore", allow_empty=True)
+        self._cache: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self.checked = False
+
+    def check(self, sets: Iterable[Iterable[str]]) -> tuple[str, ...]:
+        """Check every pattern against the union of *sets* and return the selected names.
+
+        Does nothing (returns ``()``) once checked, or while no name was recorded yet.
+        """
+        if self.checked:
+            return ()
+        names = list(dict.fromkeys(n for names in sets for n in names))
+        if not names:
+            return ()
+        selected = self.filter.select(names, kind="corrected variable")
+        self.checked = True
+        return selected
+
+    def __call__(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        selected = self._cache.get(names)
+        if selected is None:
+            selected = self._cache[names] = self._quiet.select(names)
+        return selected
+
+
+def recorded_sets(ctx: steadytrain.StepContext, source: str) -> list[Mapping[str, Any]]:
+    """The corrections of this micro-batch in ``ctx.outputs[source]``, one mapping per
+    forward step; an error naming the running instance if there are none or they are not
+    mappings."""
+    sets = ctx.reports(source, option="source")
+    for entry in sets:
+        if not isinstance(entry, Mapping):
+            raise CorrectionError(
+                f"{ctx.id}: outputs[{source!r}] must hold one mapping of variable → "
+                f"correction per forward step, got {type(entry).__name__}"
+            )
+    return sets
 
 
 def _each_value(check: Callable[[Any, attrs.Attribute, Any], None]) -> Callable[..., None]:
@@ -249,6 +373,17 @@ def _each_value(check: Callable[[Any, attrs.Attribute, Any], None]) -> Callable[
                 raise steadytrain.OptionError(attr.name, f"{key!r}: {exc.message}") from None
 
     return validate
+
+
+def _loss_type(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
+    if value in RELATIVE_LOSSES:
+        raise steadytrain.OptionError(
+            attr.name,
+            f"{value!r} is a relative norm ‖x−y‖/‖y‖, but the target of this penalty is zero "
+            "(the correction post − pre is compared with 0), so it would divide by zero; "
+            f"use one of {', '.join(map(repr, LOSSES))}",
+        )
+    one_of(*LOSSES)(_inst, attr, value)
 
 
 def _load_table(path: str, owner: str) -> Any:
@@ -311,6 +446,7 @@ class CorrectorPenalty(steadytrain.Plugin):
 
     def __init__(self, config: Any = None, **settings: Any) -> None:
         super().__init__(config, **settings)
+        self._selection = CorrectionSelection(self.filter)
         self._normalizer: Normalizer | None = None
         self._file_std: dict[str, Any] = {}
         self._area_weights: torch.Tensor | None = None
@@ -330,12 +466,17 @@ class CorrectorPenalty(steadytrain.Plugin):
         """
         if normalizer is not None:
             if not isinstance(getattr(normalizer, "std", None), Mapping):
-                raise TypeError(
+                raise steadytrain.ConfigError(
                     f"{self.id}: bind(normalizer=...) needs an object whose 'std' is a mapping "
                     f"of variable names to scales, got {type(normalizer).__name__}"
                 )
             self._normalizer = normalizer
         if area_weights is not None:
+            if not isinstance(area_weights, torch.Tensor) or not area_weights.is_floating_point():
+                raise steadytrain.ConfigError(
+                    f"{self.id}: bind(area_weights=...) needs a floating-point tensor, got "
+                    f"{getattr(area_weights, 'dtype', type(area_weights).__name__)}"
+                )
             self._area_weights = area_weights
         self._plans.clear()
         return self
@@ -375,24 +516,27 @@ class CorrectorPenalty(steadytrain.Plugin):
             "bind(normalizer=...)"
         )
 
+    def _check_patterns(self, sets: Sequence[Mapping[str, Any]]) -> None:
+        """On the first micro-batch with corrections: the filters' and weights' patterns."""
+        selected = self._selection.check(sets)
+        if not selected:  # checked before, or nothing recorded yet
+            return
+        for pattern in self.config.variable_weights:
+            steadytrain.VariableFilter(
+                include=(pattern,), owner=f"{self.id}.variable_weights",
+                on_unmatched=self.filter.on_unmatched,
+            ).select(selected, kind="selected corrected variable")
+
     def _plan(self, names: tuple[str, ...], device: torch.device) -> _Plan:
         plan = self._plans.get(names)
         if plan is not None:
             return plan
-        first = not self._plans
-        # Patterns are checked against the first step's variables only; later steps may
-        # legitimately carry a subset (a corrector that runs on some steps only).
-        on_unmatched = self.filter.on_unmatched if first else "ignore"
-        selected = attrs.evolve(self.filter, on_unmatched=on_unmatched, allow_empty=not first
-                                ).select(names, kind="corrected variable")
-        weights = {}
+        selected = self._selection(names)
+        weights: dict[str, float] = {}
         for pattern, value in self.config.variable_weights.items():
-            matched = steadytrain.VariableFilter(
-                include=(pattern,), owner=f"{self.id}.variable_weights",
-                on_unmatched=on_unmatched,
-            ).select(names, kind="corrected variable")
-            for name in matched:
-                weights.setdefault(name, value)
+            for name in selected:
+                if steadytrain.VariableFilter.matches(pattern, name):
+                    weights.setdefault(name, value)
         if self.config.loss == "area_mse" and self._area_weights is None:
             raise steadytrain.ConfigError(
                 f"{self.id}.loss: 'area_mse' needs per-cell area weights; set "
@@ -423,10 +567,16 @@ class CorrectorPenalty(steadytrain.Plugin):
 
     def _tensor_of(self, name: str, entry: Any) -> torch.Tensor:
         if isinstance(entry, Correction):
+            for what in ("pre", "post"):
+                if not isinstance(getattr(entry, what), torch.Tensor):
+                    raise CorrectionError(
+                        f"{self._where(name)}: Correction.{what} must be a tensor, got "
+                        f"{type(getattr(entry, what)).__name__}"
+                    )
             return entry.pre
         if isinstance(entry, torch.Tensor):
             return entry
-        raise TypeError(
+        raise CorrectionError(
             f"{self._where(name)}: expected a Correction or a post − pre tensor, got "
             f"{type(entry).__name__}"
         )
@@ -435,23 +585,29 @@ class CorrectorPenalty(steadytrain.Plugin):
         delta, mask = self._tensor_of(name, entry), None
         if isinstance(entry, Correction):
             if entry.pre.shape != entry.post.shape:
-                raise ValueError(
+                raise CorrectionError(
                     f"{self._where(name)}: pre-corrector shape {tuple(entry.pre.shape)} differs "
                     f"from post-corrector shape {tuple(entry.post.shape)}; the corrector must "
                     "keep shapes"
                 )
             delta, mask = entry.delta, entry.mask
+        if not delta.is_floating_point():
+            raise CorrectionError(
+                f"{self._where(name)}: corrections must be floating point, got {delta.dtype}"
+            )
         if mask is not None and (
-            mask.dtype != torch.bool or not _broadcasts_to(mask.shape, delta.shape)
+            not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
+            or not _broadcasts_to(mask.shape, delta.shape)
         ):
-            raise ValueError(
+            raise CorrectionError(
                 f"{self._where(name)}: the mask must be a boolean tensor broadcastable to "
-                f"{tuple(delta.shape)}, got {mask.dtype} of shape {tuple(mask.shape)}"
+                f"{tuple(delta.shape)}, got {getattr(mask, 'dtype', type(mask).__name__)} of "
+                f"shape {tuple(getattr(mask, 'shape', ()))}"
             )
         if self._area_weights is not None and not _broadcasts_to(
             self._area_weights.shape, delta.shape
         ):
-            raise ValueError(
+            raise CorrectionError(
                 f"{self._where(name)}: area weights of shape {tuple(self._area_weights.shape)} "
                 f"do not broadcast to the correction's shape {tuple(delta.shape)}"
             )
@@ -465,7 +621,7 @@ class CorrectorPenalty(steadytrain.Plugin):
             "or set on_detached = 'warn'"
         )
         if self.config.on_detached == "error":
-            raise ValueError(message)
+            raise CorrectionError(message)
         if name not in self._warned:
             self._warned.add(name)
             warnings.warn(message, stacklevel=2)
@@ -493,28 +649,17 @@ class CorrectorPenalty(steadytrain.Plugin):
 
     # -- the term ------------------------------------------------------------------------
 
-    def _sets(self, ctx: steadytrain.StepContext) -> list[Mapping[str, Any]]:
-        source = self.config.source
-        sets = ctx.output(source, option="source")
-        sets = sets if isinstance(sets, list) else [sets]
-        for entry in sets:
-            if not isinstance(entry, Mapping):
-                raise TypeError(
-                    f"{self.id}: outputs[{source!r}] must hold one mapping of variable → "
-                    f"correction per forward step, got {type(entry).__name__}"
-                )
-        return sets
-
     @steadytrain.hookimpl
     def compute_regularizers(
         self, ctx: steadytrain.StepContext
     ) -> Mapping[str, torch.Tensor] | None:
         cfg = self.config
+        sets = recorded_sets(ctx, cfg.source)
+        self._check_patterns(sets)
         check_grad = self._trainable and torch.is_grad_enabled()
         weight = ctx.weight
-        terms: list[tuple[int, torch.Tensor]] = []
-        by_plan: dict[_Plan, list[torch.Tensor]] = {}
-        for i, corrections in enumerate(self._sets(ctx)):
+        terms: list[tuple[int, torch.Tensor, ValidCount]] = []
+        for i, corrections in enumerate(sets):
             if not corrections:
                 continue
             device = self._tensor_of(*next(iter(corrections.items()))).device
@@ -531,39 +676,48 @@ class CorrectorPenalty(steadytrain.Plugin):
                         self._probe(name, corrections[name], delta)
                 deltas.append(delta)
                 masks.append(mask)
-            losses = correction_losses(
+            losses, valid = _losses(
                 deltas, plan.std, loss=cfg.loss, masks=masks,
                 area_weights=self._area_weights, delta=cfg.delta,
             )
-            by_plan.setdefault(plan, []).append(losses)
             weighted = losses if plan.weights is None else losses * plan.weights
-            terms.append((i, weighted.mean()))
+            terms.append((i, _mean_over_valid(weighted, valid), valid))
+            if cfg.variable_metrics:
+                # One record per forward step in which the variable was recorded, so that
+                # the metric is its mean over exactly those steps.
+                log = ctx.log
+                for name, raw, scaled in zip(plan.names, losses.unbind(),
+                                             (weighted * weight).unbind(), strict=True):
+                    log(f"var/{name}", raw)
+                    log(f"var_weighted/{name}", scaled)
         if not terms:
             return None
-        scale = 1.0 / len(terms) if cfg.step_reduction == "mean" else 1.0
+        total = self._combine(ctx, terms, weight)
+        self._accumulate_epoch(total.detach(), weight)
+        return {"penalty": total}
+
+    def _combine(
+        self,
+        ctx: steadytrain.StepContext,
+        terms: Sequence[tuple[int, torch.Tensor, ValidCount]],
+        weight: float,
+    ) -> torch.Tensor:
+        """Σ_i factor_i · term_i over the forward steps, with their metrics."""
+        cfg = self.config
+        scale: float | torch.Tensor = 1.0
+        if cfg.step_reduction == "mean":
+            # Steps whose variables are all masked out leave the mean, like absent ones.
+            on_device = [v > 0 for _, _, v in terms if isinstance(v, torch.Tensor)]
+            on_host = sum(1 for _, _, v in terms if not isinstance(v, torch.Tensor) and v > 0)
+            scale = (1.0 / max(on_host, 1) if not on_device
+                     else 1.0 / (torch.stack(on_device).sum() + on_host).clamp(min=1))
         total = None
-        for i, term in terms:
+        for i, term, _ in terms:
             factor = scale * (1.0 + cfg.rollout_alpha * i) ** -0.5
             ctx.log(f"step_{i}", term)
             ctx.log(f"step_{i}_weighted", term * (weight * factor))
             total = term * factor if total is None else total + term * factor
-        if cfg.variable_metrics:
-            self._log_variables(ctx, by_plan, weight)
-        self._accumulate_epoch(total.detach(), weight)
-        return {"penalty": total}
-
-    def _log_variables(
-        self,
-        ctx: steadytrain.StepContext,
-        by_plan: Mapping[_Plan, list[torch.Tensor]],
-        weight: float,
-    ) -> None:
-        for plan, losses in by_plan.items():
-            mean = torch.stack(losses).mean(0).detach()
-            weighted = mean * weight if plan.weights is None else mean * plan.weights * weight
-            for j, name in enumerate(plan.names):
-                ctx.log(f"var/{name}", mean[j])
-                ctx.log(f"var_weighted/{name}", weighted[j])
+        return total
 
     # -- epoch aggregate and checkpoint ----------------------------------------------------
 
@@ -597,5 +751,14 @@ class CorrectorPenalty(steadytrain.Plugin):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.check_state(state, ("epoch_sum", "epoch_count"))
-        self._epoch_sum = state["epoch_sum"].clone()
-        self._epoch_count = int(state["epoch_count"])
+        epoch_sum, count = state["epoch_sum"], state["epoch_count"]
+        if not (isinstance(epoch_sum, torch.Tensor) and epoch_sum.shape == (2,)) or not (
+            isinstance(count, int) and count >= 0
+        ):
+            raise steadytrain.CheckpointError(
+                f"plugin instance {self.id!r} ({self.name}): the checkpoint's epoch_sum must "
+                f"be a tensor of shape (2,) and epoch_count an int >= 0, got "
+                f"{type(epoch_sum).__name__} and {count!r}"
+            )
+        self._epoch_sum = epoch_sum.clone()
+        self._epoch_count = count

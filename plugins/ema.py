@@ -15,11 +15,11 @@ When to use it
     costs one extra copy of the selected weights and one read-modify-write pass per update.
 
 Hyperparameters
-    ``decay`` 0.999 (the memory-model document; an averaging horizon of about
-    1/(1 − decay) = 1000 updates), ``warmup`` true (the default of the
-    ``ExponentialMovingAverage`` the document uses), ``every`` 1, ``start_step`` 0,
-    ``buffers`` false, ``device`` ``"same"`` (or ``"cpu"`` to save accelerator memory),
-    ``swap`` ``"auto"``.
+    ``decay`` 0.999 (the memory-model document's; an averaging horizon of about
+    1/(1 − decay) = 1000 updates), ``warmup`` true (see Source), ``every`` 1,
+    ``start_step`` 0 (the first optimizer step, counted from 0, that updates the average;
+    it must be below the ``total_steps`` given to ``setup``), ``buffers`` false,
+    ``device`` ``"same"`` (or ``"cpu"`` to save accelerator memory), ``swap`` ``"auto"``.
 
     ```toml
     [[plugins]]
@@ -29,9 +29,14 @@ Hyperparameters
     ```
 
 Source
-    Polyak & Juditsky (1992), "Acceleration of stochastic approximation by averaging";
-    the warmup is TensorFlow's ``ExponentialMovingAverage(num_updates=...)``. The
-    memory-model stability document (seed 000) prescribes EMA with decay 0.999.
+    Polyak & Juditsky (1992), "Acceleration of stochastic approximation by averaging",
+    for averaging the iterates. The memory-model stability document (seed 000) asks to
+    "Implement EMA for model parameters" and updates an
+    ``ExponentialMovingAverage(model.parameters(), decay=0.999)`` after every optimizer
+    step, without saying which package that class comes from. The warmup is that of the
+    class of this name and signature in the ``torch_ema`` package (on by default there,
+    ``use_num_updates=True``) and of TensorFlow's ``ExponentialMovingAverage`` given
+    ``num_updates``.
 
 Caveats
     Averaging starts at ``start_step``: the update at that step copies the weights, so the
@@ -47,7 +52,7 @@ Caveats
     models captured in CUDA graphs. With ``device = "cpu"`` each update copies the
     selected weights to the host (a host-device sync on an accelerator) and the host
     keeps a second copy as staging. Integer buffers are not averaged: evaluation uses the
-    model's own.
+    model's own, and a selection of integer tensors only is refused at ``setup``.
 """
 
 from __future__ import annotations
@@ -106,6 +111,13 @@ class EMA(steadytrain.Plugin):
     def setup(self, run: steadytrain.Run) -> None:
         if run.model is None:
             raise steadytrain.ConfigError(f"{self.id}: the ema plugin needs a model in setup()")
+        start, total = self.config.start_step, run.total_steps
+        if total is not None and start >= total:
+            raise steadytrain.ConfigError(
+                f"{self.id}.start_step: is {start}, but the run has total_steps = {total} "
+                f"optimizer steps (0 … {total - 1}), so nothing would ever be averaged; set "
+                "start_step below total_steps"
+            )
         tensors = dict(run.model.named_parameters())
         if self.config.buffers:
             tensors.update(run.model.named_buffers())
@@ -114,6 +126,12 @@ class EMA(steadytrain.Plugin):
         # Integer buffers (BatchNorm's batch counter) cannot be averaged; the model's own
         # are used in evaluation.
         self.names = [n for n in selected if tensors[n].is_floating_point()]
+        if not self.names:
+            raise steadytrain.FilterError(
+                f"{self.id}.include/exclude: the patterns select only integer tensors "
+                f"({', '.join(selected)}), which cannot be averaged; select floating-point "
+                "parameters or buffers"
+            )
         self._targets = [tensors[n] for n in self.names]
         self._model = run.model
         # Tied weights appear once in named_parameters() but under every name in the
@@ -275,7 +293,8 @@ class EMA(steadytrain.Plugin):
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        shadow = state.get("shadow", {})
+        self.check_state(state, ("num_updates", "shadow"))
+        shadow = state["shadow"]
         if list(shadow) != self.names:
             missing = sorted(set(self.names) - set(shadow))
             extra = sorted(set(shadow) - set(self.names))

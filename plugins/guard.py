@@ -5,16 +5,30 @@ What it does
     when the task loss or a selected gradient is not finite, or when the loss exceeds
     ``spike_factor`` times the mean of the last ``window`` recorded losses. The decision
     is a boolean tensor on the device (``ctx.request_skip(..., when=tensor)``): the hook
-    itself never syncs the host. Skips are counted by cause on the device; every
-    ``check_every`` steps one small read (one host sync) looks at the longest run of
-    consecutive skips, restores an in-memory snapshot of the model and optimizer state
-    after ``restore_after`` of them when asked to, and raises after
-    ``max_consecutive_skips`` rather than skipping forever.
+    itself never syncs the host.
 
-    :func:`guarded_step` steps an optimizer under the decision. Fused optimizers (Adam,
+    A loss that stays high is a new level, not a spike: after ``rebaseline_after`` loss
+    spikes in a row the guard resets its loss history to the latest loss and judges the
+    following steps against that level, so a lasting shift of the loss costs a few
+    skipped steps instead of the run. The structlog event ``guard.rebaselined`` says so.
+
+    Skips are counted by cause on the device. Every ``check_every`` steps the guard reads
+    these counters without making the host wait: on an accelerator it copies them to
+    pinned host memory with ``non_blocking=True`` and reads them once a device event
+    recorded after the copy reports it done (asked at each later step, never waited
+    for); on the CPU it reads them at once.
+    Reading them, it logs ``guard.skipped`` and ``guard.rebaselined`` for what happened
+    since the last read (each event carries the instance ``id``, the ``step`` whose
+    counters it reports, the number ``new`` since the last event, and totals), restores
+    an in-memory snapshot of the model and optimizer state after ``restore_after``
+    consecutive skips when asked to, and stops the run with
+    :class:`steadytrain.TrainingError` after ``max_consecutive_skips`` of them rather
+    than skipping forever.
+
+    The host steps with :func:`steadytrain.step_optimizer`: fused optimizers (Adam,
     AdamW, SGD, Adagrad with ``fused=True``) take the flag on the device the way
-    :class:`torch.amp.GradScaler` drives them (``optimizer.found_inf``), so a loop using it
-    needs no host sync for the decision; any other optimizer costs one sync.
+    :class:`torch.amp.GradScaler` drives them (``optimizer.found_inf``), so the loop needs
+    no host sync for the decision; any other optimizer costs one sync.
 
 When to use it
     Long runs where one bad batch (a NaN from an overflow, an outlier loss) must not wreck
@@ -22,16 +36,33 @@ When to use it
     with a clear error instead of burning compute.
 
 Hyperparameters
-    ``spike_factor`` k (default 4; 3–5 is the usual range; 0 turns the spike rule off),
-    ``window`` N (default 10 losses), ``max_consecutive_skips`` (10), ``check_every``
-    (10 steps between host reads of the counters), ``snapshot_every`` M (0: no snapshot),
-    ``restore_after`` (0: never restore), ``snapshot_device`` (``"same"`` or ``"cpu"``),
-    ``check_loss`` / ``check_grads`` (both on).
+    ``check_loss`` / ``check_grads`` (both on) and ``spike_factor`` k (default 4; 0 turns
+    the spike rule off) are the three checks; at least one must be on. ``window`` N
+    (default 10 losses), ``rebaseline_after`` (default 3 spikes in a row; 0 never
+    re-baselines, so a lasting rise of the loss is skipped until the winsorized history
+    catches up with it or the run stops at ``max_consecutive_skips``),
+    ``max_consecutive_skips`` (10), ``check_every`` (10 steps between reads of the
+    counters), ``snapshot_every`` M (0: no snapshot), ``restore_after`` (0: never
+    restore), ``snapshot_device`` (``"same"`` or ``"cpu"``).
+    ``rebaseline_after`` and ``restore_after`` must be below ``max_consecutive_skips``.
+    These defaults are this plugin's choices, not values taken from a source.
+
+    ```toml
+    [[plugins]]
+    plugin = "guard"
+    spike_factor = 4
+    rebaseline_after = 3
+    ```
 
 Source
-    The memory-model stability document (seed 000) and its issue: skip the step on
-    non-finite values or when the loss exceeds k× the mean of the last N losses (k 3–5,
-    N 10). Skipping on non-finite gradients is what ``torch.amp.GradScaler`` does.
+    Skipping the optimizer step on non-finite gradients is what
+    :class:`torch.amp.GradScaler` does. Chowdhery et al. 2022 ("PaLM: Scaling Language
+    Modeling with Pathways", section 5.1) handled loss spikes by restarting from a
+    checkpoint about 100 steps before the spike and skipping 200–500 data batches; the
+    spike rule here (k × the mean of the last N losses), its winsorized history and its
+    re-baselining are this plugin's own, decided step by step instead of by a restart.
+    The seed documents prescribe no guard; for NaN losses the convergence guide (seed
+    002) advises a lower learning rate and stronger gradient clipping.
 
 Caveats
     * Order: ``after_backward`` runs ``tryfirst`` so the guard sees the gradients before
@@ -40,28 +71,32 @@ Caveats
       the order does not change the decision, only what the guard sees.
     * The spike rule needs a full history (N finite losses) before it applies, and
       assumes positive losses (cross-entropy and the like). A loss above the limit is
-      recorded as the limit (winsorized): one outlier cannot inflate the mean, and a
-      lasting change of the loss level is accepted after a few skipped steps instead of
-      being skipped forever. Non-finite losses are never recorded.
+      recorded as the limit (winsorized): one outlier cannot inflate the mean. A step
+      that re-baselines is itself skipped (it is the last spike of the run); the next
+      one is judged against k × its loss. Non-finite losses are never recorded, and a
+      step whose loss is not a spike ends a run of spikes.
     * With gradient accumulation the loss is the mean of the micro-batches' task losses.
-    * The consecutive-skip limit and the restore act at the next check, up to
-      ``check_every - 1`` steps late. The skip itself is never late.
+    * The consecutive-skip limit, the restore and the events act when the counters are
+      read: up to ``check_every - 1`` steps after the skips on the CPU, and at least one
+      step later on an accelerator. The skip and the re-baselining are never late.
     * The snapshot is kept in memory only and is not part of the checkpoint: after a
       resume the first restore point is the first snapshot taken after it. A snapshot is
-      taken only after a step that was not skipped.
-    * :func:`guarded_step`: the first step of a fresh optimizer costs one host sync (a
-      fused SGD with momentum would otherwise start from an uninitialized buffer when that
-      step is skipped). It cannot be combined with ``torch.amp.GradScaler``, which sets
-      ``found_inf`` itself (and skips non-finite gradients on its own). Learning-rate
+      taken only after a step that was not skipped. A read of the counters still on its
+      way is part of the checkpoint and completes after the resume.
+    * :func:`steadytrain.step_optimizer`: the first step of a fresh optimizer costs one
+      host sync (a fused SGD with momentum would otherwise start from an uninitialized
+      buffer when that step is skipped). Under ``torch.amp.GradScaler`` pass
+      ``scaler=``: the decision joins the scaler's overflow check. Learning-rate
       schedulers still advance on a skipped step, as they do under ``GradScaler``.
     * The decision reaches the host only when something reads it: ``outcome.skip`` in
       the host's loop, or a ``consolidate`` plugin reading ``ctx.skipped`` (one sync per
-      step then). With :func:`guarded_step` and plugins that use ``ctx.skip_flag``, the
-      guard costs one sync every ``check_every`` steps; ``benchmarks/bench_guard.py``
-      counts them.
+      step then). With :func:`steadytrain.step_optimizer` and plugins that use
+      ``ctx.skip_flag``, the guard itself never makes the host wait on an accelerator;
+      ``benchmarks/bench_guard.py`` counts the syncs.
     * Gradients are checked through their float32 2-norms: a finite gradient whose norm
       overflows float32 (elements around 1e19) counts as non-finite too.
-    * Under FSDP each rank checks its own gradient shards; the flag is not all-reduced.
+    * Under ``torch.distributed`` each rank checks its own gradients (its shards under
+      FSDP); the core all-reduces the decision, so every rank skips the same steps.
 """
 
 from __future__ import annotations
@@ -75,7 +110,7 @@ import structlog
 import torch
 
 import steadytrain
-from steadytrain.validators import non_negative_int, one_of, positive_int
+from steadytrain.validators import boolean, non_negative_int, one_of, positive_int
 
 log = structlog.get_logger("steadytrain")
 
@@ -111,38 +146,6 @@ def spike_check(
     spike = filled & torch.isfinite(loss) & (loss > limit)
     record = torch.where(filled, torch.minimum(loss, limit), loss)
     return spike, record
-
-
-def guarded_step(
-    optimizer: torch.optim.Optimizer, skip: steadytrain.StepOutcome | torch.Tensor | bool
-) -> None:
-    """Step *optimizer* unless *skip* holds, without a host sync where the optimizer allows.
-
-    *skip* is what ``pipe.after_backward()`` returned, or its ``flag``. A Python bool
-    steps or not. A tensor is handed to an optimizer that supports it
-    (``_step_supports_amp_scaling``: the fused Adam, AdamW, SGD and Adagrad) as
-    ``found_inf``, so the optimizer leaves parameters, moments and its step count as they
-    were when the flag is set, on the device. Any other optimizer, and the first step of
-    a fused one, read the flag on the host (one sync).
-    """
-    flag = skip.flag if isinstance(skip, steadytrain.StepOutcome) else skip
-    if not isinstance(flag, torch.Tensor):
-        if not flag:
-            optimizer.step()
-        return
-    if hasattr(optimizer, "found_inf"):
-        raise RuntimeError(
-            "guarded_step: the optimizer already has a found_inf set (a torch.amp.GradScaler "
-            "is driving it); with GradScaler, read outcome.skip and call scaler.step() yourself"
-        )
-    if getattr(optimizer, "_step_supports_amp_scaling", False) and optimizer.state:
-        optimizer.found_inf = flag.detach().reshape(()).to(torch.float32)  # type: ignore[attr-defined]
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.found_inf  # type: ignore[attr-defined]
-    elif not bool(flag):
-        optimizer.step()
 
 
 def _spike_factor(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
@@ -202,17 +205,47 @@ class _Snapshot:
                         current[key] = value
 
 
+class _CounterRead:
+    """The guard's counters of one step on their way to the host.
+
+    On an accelerator the copy goes to pinned host memory without blocking, and a device
+    event recorded after it tells when it has arrived: :meth:`arrived` asks the event and
+    never waits. Counters on the CPU have arrived at once.
+    """
+
+    def __init__(self, counters: torch.Tensor, step: int) -> None:
+        self.counters = counters
+        self.step = step
+        self._event: torch.Event | None = None
+        self._host = counters
+        if counters.device.type != "cpu":
+            self._host = torch.empty(counters.shape, dtype=counters.dtype, pin_memory=True)
+            self._host.copy_(counters, non_blocking=True)
+            self._event = torch.Event(device=counters.device)
+            self._event.record()
+
+    def arrived(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def values(self) -> list[int]:
+        return self._host.tolist()
+
+
 class Guard(steadytrain.Plugin):
     """Skip the optimizer step on non-finite loss or gradients, or on a loss spike."""
 
     name = "guard"
+    #: The device tensors of its state, checkpointed as they are.
+    _TENSORS = ("history", "count", "counters", "run_length", "longest", "spike_run",
+                "rebaselines")
 
     @attrs.frozen
     class Config:
-        check_loss: bool = True
-        check_grads: bool = True
+        check_loss: bool = attrs.field(default=True, validator=boolean)
+        check_grads: bool = attrs.field(default=True, validator=boolean)
         spike_factor: float = attrs.field(default=4.0, validator=_spike_factor)
         window: int = attrs.field(default=10, validator=positive_int)
+        rebaseline_after: int = attrs.field(default=3, validator=non_negative_int)
         max_consecutive_skips: int = attrs.field(default=10, validator=positive_int)
         check_every: int = attrs.field(default=10, validator=positive_int)
         snapshot_every: int = attrs.field(default=0, validator=non_negative_int)
@@ -220,17 +253,31 @@ class Guard(steadytrain.Plugin):
         snapshot_device: str = attrs.field(default="same", validator=one_of("same", "cpu"))
 
         def __attrs_post_init__(self) -> None:
+            if not (self.check_loss or self.check_grads or self.spike_factor):
+                raise steadytrain.OptionError(
+                    "check_loss", "check_loss and check_grads are false and spike_factor is "
+                    "0: every check is off and the guard would never skip a step; set "
+                    "check_loss or check_grads to true, or spike_factor > 1 (4 is the "
+                    "default), or remove the instance"
+                )
             if self.restore_after and not self.snapshot_every:
                 raise steadytrain.OptionError(
                     "restore_after", "needs snapshot_every > 0 (nothing to restore without "
                     "snapshots); set snapshot_every or restore_after = 0"
                 )
-            if self.restore_after >= self.max_consecutive_skips:
-                raise steadytrain.OptionError(
-                    "restore_after",
-                    f"must be below max_consecutive_skips ({self.max_consecutive_skips}), "
-                    f"got {self.restore_after}: the run would stop before restoring",
-                )
+            limit = self.max_consecutive_skips
+            for option, action, applies in (
+                ("restore_after", "restoring", True),
+                ("rebaseline_after", "re-baselining", self.spike_factor > 0),
+            ):
+                value = getattr(self, option)
+                if applies and value >= limit:
+                    raise steadytrain.OptionError(
+                        option,
+                        f"must be below max_consecutive_skips ({limit}), got {value}: the "
+                        f"run would stop before {action}; lower {option} (0 turns it off) "
+                        "or raise max_consecutive_skips",
+                    )
 
     @property
     def needs_loss(self) -> bool:
@@ -243,39 +290,48 @@ class Guard(steadytrain.Plugin):
                 f"{self.id}.snapshot_every: snapshots need the model; pass it to "
                 "pipe.setup(model, optimizer) or set snapshot_every = 0"
             )
+        if run.model is None and not self.needs_loss:
+            raise steadytrain.ConfigError(
+                f"{self.id}.check_grads: only the gradient check is on, and without a model "
+                "there are no gradients to check; pass the model to pipe.setup(model, "
+                "optimizer), or set check_loss = true or spike_factor > 1"
+            )
         named = run.named_parameters()
         # Without a model only the loss is guarded; with one, a typo in the patterns is
         # an error rather than a silently unguarded gradient.
         names = set(self.filter.select([n for n, _ in named], kind="parameter")) if named else ()
         self.params = [p for n, p in named if n in names]
         self.device = self.params[0].device if self.params else torch.device("cpu")
+
+        def counter() -> torch.Tensor:
+            return torch.zeros((), dtype=torch.int64, device=self.device)
+
         self.history = torch.zeros(self.config.window, device=self.device)
         self.positions = torch.arange(self.config.window, device=self.device)
-        self.count = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.count = counter()
         self.counters = torch.zeros(len(CAUSES), dtype=torch.int64, device=self.device)
-        self.run_length = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.longest = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.run_length, self.longest = counter(), counter()
+        self.spike_run, self.rebaselines = counter(), counter()
         self._false = torch.zeros((), dtype=torch.bool, device=self.device)
-        self.reported_skips = 0
+        self.reported_skips = self.reported_rebaselines = 0
         self.restored = False
-        self._loss: torch.Tensor | None = None
+        self._read: _CounterRead | None = None
         self._optimizers = run.optimizers
         self._snapshot: _Snapshot | None = None
         if self.config.snapshot_every:
             self._live = list(run.model.state_dict(keep_vars=True).values())
             self._snapshot = _Snapshot(self.config.snapshot_device)
 
-    @steadytrain.hookimpl
-    def compute_regularizers(self, ctx: steadytrain.StepContext) -> None:
-        if ctx.task_loss is None:
-            if self.needs_loss:
-                raise steadytrain.ConfigError(
-                    f"{self.id}: no task loss this step; pass it to pipe.compute_loss(loss), "
-                    "or set check_loss = false and spike_factor = 0 to guard gradients only"
-                )
-            return
-        loss = ctx.task_loss.detach().to(self.device, torch.float32)
-        self._loss = loss if ctx.micro_batch == 0 else self._loss + loss
+    def step_loss(self, ctx: steadytrain.StepContext) -> torch.Tensor:
+        """The step's task loss (the core's ``ctx.step_loss``), float32 on the guard's device."""
+        if ctx.step_loss is None:
+            raise steadytrain.ConfigError(
+                f"{self.id}: no task loss this step; pass it to pipe.compute_loss(loss), "
+                "or set check_loss = false and spike_factor = 0 to guard gradients only"
+            )
+        return ctx.step_loss.to(self.device, torch.float32)
+
+    # -- the decision -----------------------------------------------------------------
 
     @steadytrain.hookimpl(tryfirst=True)
     def after_backward(self, ctx: steadytrain.StepContext) -> None:
@@ -285,22 +341,15 @@ class Guard(steadytrain.Plugin):
         if grads:
             grads_bad = nonfinite_grads(grads).to(self.device)
         if self.needs_loss:
-            if self._loss is None:
-                raise RuntimeError(
-                    f"{self.id}: after_backward() without compute_loss(): call "
-                    "pipe.compute_loss(loss) for every micro-batch"
-                )
-            loss = self._loss / ctx.num_micro_batches
-            self._loss = None
+            loss = self.step_loss(ctx)
             finite = torch.isfinite(loss)
             if cfg.check_loss:
                 loss_bad = ~finite
+            recorded = loss
             if cfg.spike_factor:
                 filled = self.count >= cfg.window
-                spike, loss = spike_check(loss, self.history, filled, cfg.spike_factor)
-            slot = (self.positions == self.count % cfg.window) & finite
-            self.history.copy_(torch.where(slot, loss, self.history))
-            self.count.add_(finite.to(torch.int64))
+                spike, recorded = spike_check(loss, self.history, filled, cfg.spike_factor)
+            self._record(loss, recorded, finite, spike)
         skip = loss_bad | grads_bad | spike
         causes = torch.stack([skip, loss_bad, grads_bad, spike])
         self.counters.add_(causes.to(torch.int64))
@@ -310,6 +359,26 @@ class Guard(steadytrain.Plugin):
             ctx.log(name, flag)
         ctx.request_skip("non-finite loss or gradients, or a loss spike", when=skip)
 
+    def _record(
+        self, loss: torch.Tensor, recorded: torch.Tensor, finite: torch.Tensor,
+        spike: torch.Tensor,
+    ) -> None:
+        """Put *recorded* into the loss history, or after ``rebaseline_after`` spikes in a
+        row fill the whole history with *loss*, the new level."""
+        slot = (self.positions == self.count % self.config.window) & finite
+        history = torch.where(slot, recorded, self.history)
+        after = self.config.rebaseline_after
+        if after and self.config.spike_factor:
+            self.spike_run.add_(1).mul_(spike)
+            rebaseline = self.spike_run >= after
+            history = torch.where(rebaseline, loss, history)
+            self.spike_run.mul_(~rebaseline)
+            self.rebaselines.add_(rebaseline)
+        self.history.copy_(history)
+        self.count.add_(finite.to(torch.int64))
+
+    # -- reading the counters ---------------------------------------------------------
+
     @steadytrain.hookimpl
     def consolidate(self, ctx: steadytrain.StepContext) -> None:
         done = ctx.step + 1
@@ -317,25 +386,37 @@ class Guard(steadytrain.Plugin):
         # ctx.skipped is only read on snapshot steps: at most one sync per snapshot.
         if self._snapshot is not None and done % every == 0 and not ctx.skipped:
             self._snapshot.take(self._live, self._optimizers)
-        if done % self.config.check_every == 0:
-            self.check(ctx.step)
+        if done % self.config.check_every == 0 and self._read is None:
+            self._read = _CounterRead(self._take_counters(), ctx.step)
+        if self._read is not None and self._read.arrived():
+            read, self._read = self._read, None
+            self.review(read.values(), read.step)
 
-    def check(self, step: int) -> None:
-        """Read the skip counters (one host sync); log, restore or raise as configured."""
-        run_length, longest, *counts = torch.cat(
-            [self.run_length.reshape(1), self.longest.reshape(1), self.counters]
-        ).tolist()
+    def _take_counters(self) -> torch.Tensor:
+        """The counters as one tensor; the longest run of skips restarts from the current."""
+        counters = torch.cat([self.run_length.reshape(1), self.longest.reshape(1),
+                              self.rebaselines.reshape(1), self.counters])
         self.longest.copy_(self.run_length)
+        return counters
+
+    def review(self, values: Sequence[int], step: int) -> None:
+        """Act on the counters of *step*: log, re-baseline events, restore or stop the run."""
+        run_length, longest, rebaselines, *counts = values
         by_cause = dict(zip(CAUSES, counts, strict=True))
         if by_cause["skipped"] > self.reported_skips:
             log.warning("guard.skipped", id=self.id, step=step,
                         new=by_cause["skipped"] - self.reported_skips, consecutive=run_length,
                         **{f"total_{k}": v for k, v in by_cause.items()})
             self.reported_skips = by_cause["skipped"]
+        if rebaselines > self.reported_rebaselines:
+            log.warning("guard.rebaselined", id=self.id, step=step,
+                        new=rebaselines - self.reported_rebaselines, total=rebaselines,
+                        rebaseline_after=self.config.rebaseline_after)
+            self.reported_rebaselines = rebaselines
         limit = self.config.max_consecutive_skips
         if longest >= limit:
-            raise RuntimeError(
-                f"{self.id}: {longest} optimizer steps in a row were skipped "
+            raise steadytrain.TrainingError(
+                f"{self.id}: {longest} optimizer steps in a row were skipped by step {step} "
                 f"(max_consecutive_skips = {limit}); causes so far: "
                 + ", ".join(f"{k} {v}" for k, v in by_cause.items() if k != "skipped")
                 + ". Lower the learning rate, check the data near this step, or resume "
@@ -358,15 +439,17 @@ class Guard(steadytrain.Plugin):
         self._snapshot.restore(self._live, self._optimizers)
         log.warning("guard.restored", id=self.id, step=step)
 
+    # -- checkpoints ------------------------------------------------------------------
+
     def state_dict(self) -> dict[str, Any]:
+        read = self._read
         return {
-            "history": self.history.clone(),
-            "count": self.count.clone(),
-            "counters": self.counters.clone(),
-            "run_length": self.run_length.clone(),
-            "longest": self.longest.clone(),
+            **{name: getattr(self, name).clone() for name in self._TENSORS},
             "reported_skips": self.reported_skips,
+            "reported_rebaselines": self.reported_rebaselines,
             "restored": self.restored,
+            "pending_read": None if read is None else {"step": read.step,
+                                                       "counters": read.counters.clone()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -376,7 +459,11 @@ class Guard(steadytrain.Plugin):
                 f"{self.id}.window: the checkpoint holds {state['history'].numel()} losses "
                 f"but window = {self.config.window}; resume with the window it was saved with"
             )
-        for name in ("history", "count", "counters", "run_length", "longest"):
+        for name in self._TENSORS:
             getattr(self, name).copy_(state[name])
         self.reported_skips = int(state["reported_skips"])
+        self.reported_rebaselines = int(state["reported_rebaselines"])
         self.restored = bool(state["restored"])
+        pending = state["pending_read"]
+        self._read = None if pending is None else _CounterRead(
+            pending["counters"].to(self.device), int(pending["step"]))

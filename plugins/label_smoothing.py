@@ -26,7 +26,12 @@ Hyperparameters
     host's ``targets`` mapping that holds the class indices — without it the targets are
     the tensor the host passed to ``before_step(targets=...)``. ``class_dim`` (default -1,
     the layout of language-model logits ``(batch, seq, C)``; set 1 for the
-    ``(batch, C, ...)`` layout that ``F.cross_entropy`` takes).
+    ``(batch, C, ...)`` layout that ``F.cross_entropy`` takes). ``check`` (default
+    ``"auto"``) says when the targets' values are checked: every target must be a class
+    (0 … C − 1) or ``ignore_index``. The check reads the targets' extremes, one host
+    sync: ``"auto"`` checks every step on the CPU, where that costs nothing, and the
+    first step elsewhere; ``"every_step"``, ``"first_step"`` and ``"never"`` force a
+    policy.
 
 Source
     The memory-model stability document (seed 000), section 5 "Loss Function
@@ -40,6 +45,13 @@ Caveats
     the constant entropy of the smoothed target: same gradients, a shifted loss value.
     The logits and targets are used as given: shift them for next-token prediction
     before passing them. A batch in which every target is ignored gives a term of 0.
+    A negative target that is not ``ignore_index`` (``-100`` when the host ignores
+    ``-1``, or the other way round) is an error naming ``ignore_index``; a host that
+    ignores a valid class (padding id 0, say) while ``ignore_index`` keeps its default
+    cannot be told apart from a target of that class: set ``ignore_index`` to the host's.
+    Targets that are checked only on the first step (``check = "auto"`` on an
+    accelerator) can still go out of range later, where the host's own
+    ``F.cross_entropy`` fails on them too.
 """
 
 from __future__ import annotations
@@ -50,8 +62,8 @@ import attrs
 import torch
 
 import steadytrain
-from steadytrain.sources import at_least_float32
-from steadytrain.validators import in_range, non_empty_str, optional
+from steadytrain.sources import CHECKS, at_least_float32
+from steadytrain.validators import in_range, non_empty_str, one_of, optional
 
 
 def label_smoothing_term(
@@ -60,6 +72,8 @@ def label_smoothing_term(
     smoothing: float = 0.1,
     ignore_index: int = -100,
     class_dim: int = -1,
+    *,
+    check_targets: bool = False,
 ) -> torch.Tensor:
     """``ε·(mean_k(−log p_k) − CE)`` averaged over the targets that are not *ignore_index*.
 
@@ -67,25 +81,30 @@ def label_smoothing_term(
 
     ``F.cross_entropy(x, y, ignore_index=i) + label_smoothing_term(x, y, ε, i, class_dim)``
     equals ``F.cross_entropy(x, y, ignore_index=i, label_smoothing=ε)`` with the class
-    dimension of *logits* at *class_dim*.
+    dimension of *logits* at *class_dim*. A layout that does not fit raises
+    :class:`steadytrain.OptionError` naming the argument; with *check_targets*, so does
+    a target that is neither a class nor *ignore_index* (one host sync).
     """
+    shape = tuple(logits.shape)
     if logits.dim() < 1 or not -logits.dim() <= class_dim < logits.dim():
-        raise ValueError(
-            f"class_dim {class_dim} is out of range for logits of shape {tuple(logits.shape)}"
+        raise steadytrain.OptionError(
+            "class_dim", f"{class_dim} is out of range for logits of shape {shape}"
         )
     logits = logits.movedim(class_dim, -1)
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise ValueError(
-            f"targets must be class indices (an integer tensor), got {targets.dtype}; "
+        raise steadytrain.OptionError(
+            "targets", f"must be class indices (an integer tensor), got {targets.dtype}; "
             "class-probability targets are not supported"
         )
     if targets.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"targets of shape {tuple(targets.shape)} do not fit logits of shape "
-            f"{tuple(logits.shape)} with the classes in dimension {class_dim} (after moving "
-            f"the classes last, the targets must have shape {tuple(logits.shape[:-1])}); "
-            "set class_dim to where the classes are"
+        raise steadytrain.OptionError(
+            "class_dim",
+            f"targets of shape {tuple(targets.shape)} do not fit logits of shape {shape} "
+            f"with the classes in dimension {class_dim} (the targets must have shape "
+            f"{tuple(logits.shape[:-1])}); set class_dim to where the classes are",
         )
+    if check_targets:
+        _check_targets(targets, shape, ignore_index, class_dim)
     valid = targets != ignore_index
     picked = logits.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
     # log p_y − mean_k log p_k = x_y − mean_k x_k: the log-sum-exp cancels, so the term
@@ -93,6 +112,32 @@ def label_smoothing_term(
     mean = logits.mean(-1, dtype=torch.promote_types(logits.dtype, torch.float32))
     per_target = torch.where(valid, at_least_float32(picked) - mean, 0.0)
     return smoothing * per_target.sum() / valid.sum().clamp_min(1)
+
+
+def _check_targets(
+    targets: torch.Tensor, shape: tuple[int, ...], ignore_index: int, class_dim: int
+) -> None:
+    """Raise unless every target is a class of logits of *shape* or *ignore_index*; one
+    host sync."""
+    classes = shape[class_dim]
+    if targets.numel() == 0:
+        return
+    kept = torch.where(targets == ignore_index, 0, targets)
+    low, high = torch.stack([kept.min(), kept.max()]).tolist()
+    if low < 0:
+        raise steadytrain.OptionError(
+            "ignore_index",
+            f"the targets hold {low}, which is neither a class (0 … {classes - 1}) nor "
+            f"ignore_index ({ignore_index}); set ignore_index to the value the host's loss "
+            "ignores (-100 is F.cross_entropy's default)",
+        )
+    if high >= classes:
+        raise steadytrain.OptionError(
+            "class_dim",
+            f"the targets hold {high}, but the logits have {classes} classes "
+            f"(0 … {classes - 1}) in dimension {class_dim} of shape {shape}; every target "
+            f"must be a class or ignore_index ({ignore_index})",
+        )
 
 
 class LabelSmoothing(steadytrain.Plugin):
@@ -111,25 +156,43 @@ class LabelSmoothing(steadytrain.Plugin):
         logits_key: str = attrs.field(default="logits", validator=non_empty_str)
         targets_key: str | None = attrs.field(default=None, validator=optional(non_empty_str))
         class_dim: int = -1
+        check: str = attrs.field(default="auto", validator=one_of(*CHECKS))
+
+    @steadytrain.hookimpl
+    def setup(self, run: steadytrain.Run) -> None:
+        self._checked = False
 
     @steadytrain.hookimpl
     def compute_regularizers(self, ctx: steadytrain.StepContext) -> dict[str, torch.Tensor]:
         config = self.config
         logits = self._logits(ctx)
         targets = self._targets(ctx)
+        check = self._check_due(targets)
         try:
             term = label_smoothing_term(
-                logits, targets, config.smoothing, config.ignore_index, config.class_dim
+                logits, targets, config.smoothing, config.ignore_index, config.class_dim,
+                check_targets=check,
             )
-        except ValueError as exc:
-            raise ValueError(f"{self.id}: {exc}") from None
+        except steadytrain.OptionError as exc:
+            # The function's targets argument is what targets_key selects here.
+            option = "targets_key" if exc.option == "targets" else exc.option
+            raise steadytrain.ConfigError(f"{self.id}.{option}: {exc.message}") from None
+        self._checked = self._checked or check
         return {"smoothing": term}
+
+    def _check_due(self, targets: torch.Tensor) -> bool:
+        check = self.config.check
+        if check == "never":
+            return False
+        if check == "every_step" or (check == "auto" and targets.device.type == "cpu"):
+            return True
+        return not self._checked
 
     def _logits(self, ctx: steadytrain.StepContext) -> torch.Tensor:
         key = self.config.logits_key
         logits = ctx.output(key, option="logits_key")
         if not isinstance(logits, torch.Tensor):
-            raise ValueError(
+            raise steadytrain.ConfigError(
                 f"{self.id}.logits_key: outputs[{key!r}] is a {type(logits).__name__}, "
                 "not a tensor"
             )
@@ -139,7 +202,7 @@ class LabelSmoothing(steadytrain.Plugin):
         key, targets = self.config.targets_key, ctx.targets
         if key is None:
             if isinstance(targets, Mapping):
-                raise ValueError(
+                raise steadytrain.ConfigError(
                     f"{self.id}.targets_key: the targets are a mapping with keys "
                     f"{', '.join(map(str, targets))}; set targets_key to the one that holds "
                     "the class indices"
@@ -149,14 +212,14 @@ class LabelSmoothing(steadytrain.Plugin):
             if not isinstance(targets, Mapping) or key not in targets:
                 present = (", ".join(map(str, targets)) if isinstance(targets, Mapping)
                            else f"not a mapping but a {type(targets).__name__}")
-                raise ValueError(
+                raise steadytrain.ConfigError(
                     f"{self.id}.targets_key: no entry {key!r} in the step's targets "
                     f"({present}); pass before_step(targets={{{key!r}: labels}}) or fix "
                     "targets_key"
                 )
             targets, where = targets[key], f"targets[{key!r}]"
         if not isinstance(targets, torch.Tensor):
-            raise ValueError(
+            raise steadytrain.ConfigError(
                 f"{self.id}.targets_key: the step's {where} is a {type(targets).__name__}, "
                 "not a tensor of class indices; pass before_step(targets=...)"
             )

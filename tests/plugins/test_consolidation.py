@@ -310,3 +310,78 @@ def test_a_checkpoint_with_other_state_keys_is_rejected():
     pipe = make(ScheduledConsolidation.Config(), Tallies(), id="mem")
     with pytest.raises(steadytrain.CheckpointError, match=r"'mem'.*has keys \['step'\], expected"):
         pipe.plugins["mem"].load_state_dict({"step": 3})
+
+
+class NeedsArguments(torch.nn.Module):
+    """Consolidates like the source's GradualConsolidation: it wants the memories."""
+
+    def consolidate(self, stm, ltm, force=False):
+        return {}
+
+
+class ForcedOff(torch.nn.Module):
+    def consolidate(self, force=False):
+        return {"forced": float(force)}
+
+
+class Holder(torch.nn.Module):
+    def __init__(self, memory: torch.nn.Module) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 1)
+        self.gradual = memory
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_a_consolidate_that_needs_arguments_is_refused_at_setup_naming_the_module():
+    with pytest.raises(steadytrain.ConfigError,
+                       match=r"cons: module 'gradual' \(NeedsArguments\) does not implement "
+                       r"steadytrain\.nn\.Consolidating: its consolidate\(stm, ltm, "
+                       r"force=False\) takes required arguments.*exclude = \['gradual'\]"):
+        make(ScheduledConsolidation.Config(interval=1), Holder(NeedsArguments()), id="cons")
+
+
+def test_a_model_whose_own_consolidate_needs_arguments_is_refused():
+    class Model(NeedsArguments):
+        def forward(self, x):
+            return x
+
+    with pytest.raises(steadytrain.ConfigError, match=r"cons: the model \(Model\) does not "
+                       "implement.*remove this plugin"):
+        Pipeline([ScheduledConsolidation(id="cons")]).setup(Model())
+
+
+class GatedMemory(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.consolidate = torch.nn.Linear(2, 2)  # a gate, not the protocol's method
+
+
+def test_a_submodule_named_consolidate_is_refused():
+    with pytest.raises(steadytrain.ConfigError, match=r"module 'gradual' \(GatedMemory\) does "
+                       r"not implement steadytrain\.nn\.Consolidating: its "
+                       r"consolidate\(input: torch\.Tensor\) -> torch\.Tensor takes required"):
+        make(ScheduledConsolidation.Config(), Holder(GatedMemory()), id="cons")
+
+
+def test_optional_arguments_and_excluded_modules_are_accepted():
+    model = Holder(ForcedOff())
+    pipe = make(ScheduledConsolidation.Config(interval=1), model, id="cons")
+    one_step(pipe, model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(3, 2),
+             torch.randn(3, 1))
+    assert pipe.metrics()["cons/gradual/forced"] == 0.0
+    tallies = Tallies()
+    tallies.enc.add_module("gradual", NeedsArguments())
+    make(ScheduledConsolidation.Config(), tallies, exclude=["enc.gradual"])
+
+
+class Counted(torch.nn.Module):
+    consolidate = 3  # a setting that happens to carry the protocol's name
+
+
+def test_a_consolidate_that_is_no_method_is_refused():
+    with pytest.raises(steadytrain.ConfigError, match=r"module 'gradual' \(Counted\) does not "
+                       "implement steadytrain.nn.Consolidating: its consolidate is a int, not a "
+                       "method"):
+        make(ScheduledConsolidation.Config(), Holder(Counted()), id="cons")

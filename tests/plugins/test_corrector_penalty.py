@@ -7,13 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import round_trip
+from helpers import regularize, round_trip
 
 import steadytrain
 from steadytrain.plugins.corrector_penalty import (
     Correction,
+    CorrectionError,
     CorrectorPenalty,
     apply_corrector,
+    correction_losses,
     corrector_penalty,
     record_corrections,
 )
@@ -345,7 +347,7 @@ def test_straight_through_corrector_is_an_error():
     pipe, model, _ = pipeline(plugin, model=TinyEmulator(["a"], straight_through_corrector))
     pipe.before_step()
     model(batch())
-    with pytest.raises(steadytrain.HookError, match="straight-through corrector: post − pre"):
+    with pytest.raises(CorrectionError, match="straight-through corrector: post − pre"):
         pipe.compute_loss(None)
 
 
@@ -363,7 +365,7 @@ def test_corrections_of_a_detached_corrector_are_an_error():
     pipe, model, _ = pipeline(plugin)
     pipe.before_step()
     raw = model.raw(batch())["a"].detach()
-    with pytest.raises(steadytrain.HookError, match="do not require grad"):
+    with pytest.raises(CorrectionError, match=r"corrector_penalty: .*'a' .*do not require grad"):
         pipe.compute_loss(None, outputs={"corrections": {"a": raw.clamp(min=0) - raw}})
 
 
@@ -477,14 +479,14 @@ def test_a_negative_weight_is_an_error(weight):
 def test_shapes_that_differ_between_pre_and_post_are_an_error():
     plugin = CorrectorPenalty(CorrectorPenalty.Config(std={"a": 1.0}))
     bad = Correction(grad_ones(2, 3), grad_ones(3, 2))
-    with pytest.raises(steadytrain.HookError, match=r"corrections\['a'\].*\(2, 3\) differs"):
+    with pytest.raises(CorrectionError, match=r"corrections\['a'\].*\(2, 3\) differs"):
         run_once(plugin, {"a": bad})
 
 
 def test_a_mask_that_does_not_fit_is_an_error():
     plugin = CorrectorPenalty(CorrectorPenalty.Config(std={"a": 1.0}))
     bad = Correction(grad_ones(2, 3), grad_ones(2, 3), torch.ones(3, 2, dtype=torch.bool))
-    with pytest.raises(steadytrain.HookError, match=r"corrections\['a'\].*mask must be"):
+    with pytest.raises(CorrectionError, match=r"corrections\['a'\].*mask must be"):
         run_once(plugin, {"a": bad})
 
 
@@ -617,24 +619,25 @@ def test_emulator_example_refuses_a_plot_without_matplotlib_before_training(
 
 def test_later_steps_may_carry_a_subset_of_the_first_steps_variables():
     plugin = CorrectorPenalty(CorrectorPenalty.Config(std={"a": 1.0, "b": 1.0}), exclude=["b"])
-    total = run_once(plugin, [{"a": grad_ones(2), "b": grad_ones(2)}, {"a": 2 * grad_ones(2)}])
+    total = run_once(plugin, [{"a": grad_ones(2), "b": grad_ones(2)}, {"a": 2 * grad_ones(2)},
+                              {"b": grad_ones(2)}])  # the last step selects nothing: no term
     assert total.item() == pytest.approx(1.0 + 4.0)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"loss": "relative_l2"}, "loss must be one of"),
+        ({"loss": "relative_l2"}, "correction_losses: loss: must be one of"),
         ({"loss": "area_mse"}, "'area_mse' needs area_weights"),
     ],
 )
 def test_plain_function_rejects_bad_arguments(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(steadytrain.ConfigError, match=message):
         corrector_penalty({"a": torch.ones(2)}, {"a": 1.0}, **kwargs)
 
 
 def test_binding_an_object_without_std_is_an_error():
-    with pytest.raises(TypeError, match=r"corrector_penalty: bind\(normalizer=...\) needs"):
+    with pytest.raises(steadytrain.ConfigError, match=r"corrector_penalty: bind\(normalizer=...\)"):
         CorrectorPenalty(CorrectorPenalty.Config()).bind(normalizer=object())
 
 
@@ -666,7 +669,7 @@ def test_area_weights_with_another_loss_or_shape_are_errors():
         run_once(plugin, {"a": grad_ones(3)})
     plugin = CorrectorPenalty(CorrectorPenalty.Config(loss="area_mse", std={"a": 1.0}))
     plugin.bind(area_weights=torch.ones(3))
-    with pytest.raises(steadytrain.HookError, match=r"area weights of shape \(3,\) do not"):
+    with pytest.raises(CorrectionError, match=r"area weights of shape \(3,\) do not"):
         run_once(plugin, {"a": grad_ones(2)})
 
 
@@ -679,5 +682,267 @@ def test_area_weights_with_another_loss_or_shape_are_errors():
 )
 def test_corrections_of_the_wrong_type_are_errors(corrections, message):
     plugin = CorrectorPenalty(CorrectorPenalty.Config(std={"a": 1.0}))
-    with pytest.raises(steadytrain.HookError, match=message):
+    with pytest.raises(CorrectionError, match=message):
         run_once(plugin, corrections)
+
+
+# -- against the published implementation (Ai2's fme) -------------------------------------
+
+
+def fme_corrector_regularization(corrections, means, stds, *, loss="mse", data_mask=None,
+                                 area=None):
+    """One forward step of fme's corrector regularization, written out by hand.
+
+    Follows ai2cm/ace, fme/core/loss.py (CorrectorRegularizationConfig.build,
+    WeightedMappingLoss.__call__ with weights={}, LossOutput._reduce and LossOutput.total;
+    AreaWeightedMSELoss with metrics.weighted_mean) at commit 33a5a09 of
+    feature/corrector-regularization, and fme/ace/stepper/single_module.py
+    (TrainStepper._accumulate_loss: loss(corrections, zeros, data_mask).total()). Fields
+    are (batch, lat, lon), packed on the channel dimension -3; data_mask is per sample.
+    """
+    names = list(corrections)
+    predict = torch.stack([(corrections[n] - means[n]) / stds[n] for n in names], dim=-3)
+    target = torch.stack(
+        [(torch.zeros_like(corrections[n]) - means[n]) / stds[n] for n in names], dim=-3)
+    weights = torch.ones(1, len(names), 1, 1, dtype=predict.dtype)
+    x, y = weights * predict, weights * target
+    if loss == "mse":
+        per_sample = ((x - y) ** 2).mean(dim=(2, 3))
+    elif loss == "l1":
+        per_sample = (x - y).abs().mean(dim=(2, 3))
+    else:
+        w = area.expand(x.shape)
+        per_sample = (((x - y) ** 2) * w).sum(dim=(2, 3)) / w.sum(dim=(2, 3))
+    if data_mask is None:
+        return per_sample.mean(dim=0).mean()
+    ones = torch.ones(x.shape[0], dtype=x.dtype)
+    mask = torch.stack([data_mask.get(n, ones) for n in names], dim=1)
+    per_channel = (per_sample * mask).sum(dim=0) / mask.sum(dim=0).clamp(min=1)
+    active = mask.sum(dim=0) > 0
+    return per_channel[active].mean() if active.any() else per_channel.mean()
+
+
+FME_MEANS = {"ts": 280.0, "q": 0.01, "ice": 0.2}
+FME_STDS = {"ts": 12.0, "q": 0.004, "ice": 0.3}
+
+
+def fme_fields(seed=0, batch=4):
+    gen = torch.Generator().manual_seed(seed)
+    return {n: (FME_MEANS[n] + 3 * FME_STDS[n] * torch.randn(batch, 6, 8, generator=gen,
+                                                              dtype=torch.float64))
+            .requires_grad_() for n in FME_MEANS}
+
+
+def fme_corrector(fields):
+    return {"ts": fields["ts"].clamp(min=275.0), "q": fields["q"].clamp(min=0.0),
+            "ice": fields["ice"].clamp(0.0, 1.0)}
+
+
+AREA = torch.cos(torch.linspace(-1.3, 1.3, 6, dtype=torch.float64))[:, None].expand(6, 8)
+
+
+@pytest.mark.parametrize("loss", ["mse", "l1", "area_mse"])
+def test_a_rollout_matches_fme_in_value_and_gradient(loss):
+    steps = [fme_fields(seed) for seed in (0, 1)]
+    plugin = CorrectorPenalty(CorrectorPenalty.Config(loss=loss, std=FME_STDS), weight=0.2)
+    if loss == "area_mse":
+        plugin.bind(area_weights=AREA)
+    pipe, _, _ = pipeline(plugin)
+    pipe.before_step()
+    for fields in steps:
+        apply_corrector(fme_corrector, fields)
+    got = pipe.compute_loss(None)
+    expected = sum(
+        0.2 * fme_corrector_regularization(
+            {n: post[n] - pre[n] for n in pre}, FME_MEANS, FME_STDS, loss=loss, area=AREA)
+        for pre, post in ((f, fme_corrector(f)) for f in steps)
+    )
+    leaves = [f[n] for f in steps for n in f]
+    torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
+    for ours, theirs in zip(torch.autograd.grad(got, leaves, retain_graph=True),
+                            torch.autograd.grad(expected, leaves), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-14, atol=1e-15)
+
+
+def test_per_sample_masks_match_fmes_data_mask_and_an_all_false_mask_drops_out():
+    fields = fme_fields()
+    post = fme_corrector(fields)
+    data_mask = {"q": torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64),
+                 "ice": torch.zeros(4, dtype=torch.float64)}
+    corrections = {n: Correction(fields[n], post[n], None if n not in data_mask
+                                 else data_mask[n].bool()[:, None, None]) for n in fields}
+    got = corrector_penalty(corrections, FME_STDS)
+    expected = fme_corrector_regularization({n: post[n] - fields[n] for n in fields},
+                                            FME_MEANS, FME_STDS, data_mask=data_mask)
+    torch.testing.assert_close(got, expected, rtol=1e-14, atol=0)
+
+
+def test_fme_averages_over_every_output_variable_and_this_penalty_over_the_corrected_ones():
+    fields = fme_fields()
+    post = {**fields, "ice": fields["ice"].clamp(0.0, 1.0)}  # only ice is corrected
+    ours = corrector_penalty({"ice": Correction(fields["ice"], post["ice"])}, FME_STDS)
+    theirs = fme_corrector_regularization({n: post[n] - fields[n] for n in fields},
+                                          FME_MEANS, FME_STDS)
+    torch.testing.assert_close(theirs, ours / 3, rtol=1e-14, atol=0)
+
+
+# -- masks that remove a variable entirely -------------------------------------------------
+
+
+def test_a_variable_masked_out_everywhere_leaves_the_mean_in_value_and_gradient():
+    pre = {"a": torch.tensor([-2.0, 1.0], requires_grad=True),
+           "b": torch.tensor([-1.0, float("nan")], requires_grad=True)}
+    plugin = CorrectorPenalty(CorrectorPenalty.Config(std={"a": 1.0, "b": 1.0}))
+    pipe, _, _ = pipeline(plugin)
+    pipe.before_step()
+    apply_corrector(clamp_corrector, pre, mask={"b": torch.zeros(2, dtype=torch.bool)})
+    total = pipe.compute_loss(None)
+    assert total.item() == pytest.approx(4.0 / 2)  # a's loss alone, not (a + 0) / 2
+    total.backward()
+    assert torch.equal(pre["b"].grad, torch.zeros(2))
+    torch.testing.assert_close(pre["a"].grad, torch.tensor([-2.0, 0.0]))
+
+
+def test_every_variable_masked_out_gives_a_zero_term_not_an_error():
+    pre = torch.tensor([-2.0, float("nan")], requires_grad=True)
+    plugin = CorrectorPenalty(CorrectorPenalty.Config(std={"a": 1.0}))
+    pipe, _, _ = pipeline(plugin)
+    pipe.before_step()
+    apply_corrector(clamp_corrector, {"a": pre}, mask=torch.zeros(2, dtype=torch.bool))
+    total = pipe.compute_loss(None)
+    assert total.item() == 0.0
+    total.backward()
+    assert torch.equal(pre.grad, torch.zeros(2))
+
+
+@pytest.mark.parametrize("loss", ["mse", "huber", "area_mse"])
+def test_the_plain_loss_of_a_masked_out_variable_is_zero(loss):
+    delta = torch.full((2, 3), 2.0, requires_grad=True)
+    got = correction_losses([delta, delta], [1.0, 1.0], loss=loss, area_weights=torch.ones(3),
+                            masks=[torch.zeros(3, dtype=torch.bool), None])
+    assert got[0].item() == 0.0 and got[1].item() > 0
+
+
+def test_a_masked_out_forward_step_leaves_the_mean_over_steps():
+    plugin = CorrectorPenalty(CorrectorPenalty.Config(std={"a": 1.0}, step_reduction="mean"))
+    pipe, _, _ = pipeline(plugin)
+    pipe.before_step()
+    values = torch.full((2,), -3.0, requires_grad=True)
+    apply_corrector(clamp_corrector, {"a": values})
+    apply_corrector(clamp_corrector, {"a": values}, mask=torch.zeros(2, dtype=torch.bool))
+    assert pipe.compute_loss(None).item() == pytest.approx(9.0)  # not (9 + 0) / 2
+
+
+# -- per-variable metrics ------------------------------------------------------------------
+
+
+def test_variable_metrics_are_the_mean_over_the_steps_that_recorded_the_variable():
+    plugin = CorrectorPenalty(CorrectorPenalty.Config(std={"a": 1.0, "b": 2.0},
+                                                      variable_weights={"b": 3.0}), weight=0.5)
+    pipe, _, _ = pipeline(plugin)
+
+    def grad_full(value):
+        return torch.full((2,), value, requires_grad=True)
+
+    # Two optimizer steps; the set of corrected variables changes from step to step.
+    rollouts = [
+        [{"a": grad_full(1.0), "b": grad_full(2.0)}, {"a": grad_full(3.0)},
+         {"a": grad_full(2.0), "b": grad_full(4.0)}, {"b": grad_full(6.0)}],
+        [{"b": grad_full(8.0)}],
+    ]
+    for sets in rollouts:
+        pipe.before_step()
+        pipe.compute_loss(None, outputs={"corrections": sets}).backward()
+        pipe.after_backward()
+        pipe.consolidate()
+    metrics = pipe.metrics()
+    a = [1.0, 9.0, 4.0]                       # (delta / 1)²
+    b = [1.0, 4.0, 9.0, 16.0]                 # (delta / 2)²
+    assert metrics["corrector_penalty/var/a"] == pytest.approx(sum(a) / len(a))
+    assert metrics["corrector_penalty/var/b"] == pytest.approx(sum(b) / len(b))
+    assert metrics["corrector_penalty/var_weighted/b"] == pytest.approx(0.5 * 3 * sum(b) / 4)
+
+
+# -- how the filters are resolved -----------------------------------------------------------
+
+
+def test_patterns_are_checked_against_every_step_of_the_first_micro_batch():
+    # sea_ice appears in the second forward step only: its exclusion is not an error.
+    plugin = CorrectorPenalty(CorrectorPenalty.Config(std={"a": 1.0}), exclude=["sea_ice"])
+    total = run_once(plugin, [{"a": grad_ones(2)}, {"a": grad_ones(2), "sea_ice": grad_ones(2)}])
+    assert total.item() == pytest.approx(2.0)
+
+
+def test_a_pattern_matching_only_a_later_steps_variable_is_an_error_on_the_first():
+    plugin = CorrectorPenalty(CorrectorPenalty.Config(std={"a": 1.0}), exclude=["sea_ice"])
+    pipe, _, _ = pipeline(plugin)
+    with pytest.raises(steadytrain.FilterError, match=r"exclude: pattern 'sea_ice' matches no"):
+        regularize(pipe, {"corrections": {"a": grad_ones(2)}})
+
+
+def test_a_set_first_seen_later_is_resolved_with_the_same_patterns():
+    plugin = CorrectorPenalty(CorrectorPenalty.Config(std={"a": 1.0, "b": 1.0, "c": 4.0}),
+                              exclude=["b"])
+    pipe, _, _ = pipeline(plugin)
+    regularize(pipe, {"corrections": {"a": grad_ones(2), "b": grad_ones(2)}})
+    # A new variable c is selected (include "*"), b stays excluded.
+    later = regularize(pipe, {"corrections": {"b": grad_ones(2), "c": 2 * grad_ones(2)}})
+    assert later.item() == pytest.approx(1.0 / 4)
+    with pytest.raises(steadytrain.ConfigError, match=r"no std for the corrected variable 'd'"):
+        regularize(pipe, {"corrections": {"d": grad_ones(2)}})
+
+
+def test_a_variable_weight_pattern_matching_only_excluded_variables_is_an_error():
+    plugin = CorrectorPenalty(CorrectorPenalty.Config(std={"a": 1.0, "b": 1.0},
+                                                      variable_weights={"b": 2.0}),
+                              exclude=["b"])
+    with pytest.raises(steadytrain.FilterError,
+                       match=r"variable_weights\.include: pattern 'b' matches no selected"):
+        run_once(plugin, {"a": grad_ones(2), "b": grad_ones(2)})
+
+
+# -- more bad input --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: record_corrections([torch.ones(1)], {"a": torch.ones(1)}),
+         r"record_corrections: pre must be a mapping .* got list"),
+        (lambda: apply_corrector(lambda f: [f["a"]], {"a": torch.ones(1)}),
+         r"apply_corrector: the corrector .* must return a mapping .* got list"),
+        (lambda: corrector_penalty({"a": torch.ones(1)}, {"b": 1.0}),
+         r"corrector_penalty: no std for a"),
+        (lambda: correction_losses([torch.ones(1)], [1.0, 2.0]),
+         r"correction_losses: 1 corrections but 2 std values"),
+    ],
+)
+def test_bad_arguments_to_the_functions_are_errors_naming_them(call, message):
+    with pytest.raises(steadytrain.SteadytrainError, match=message):
+        call()
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (Correction([1.0], grad_ones(1)), r"corrections\['a'\].*Correction\.pre must be a tensor"),
+        (torch.ones(2, dtype=torch.int64), r"corrections\['a'\].*must be floating point"),
+        (Correction(grad_ones(2), grad_ones(2), [True, False]),
+         r"corrections\['a'\].*mask must be a boolean tensor"),
+    ],
+)
+def test_recorded_entries_of_the_wrong_kind_are_errors_naming_the_variable(entry, message):
+    plugin = CorrectorPenalty(CorrectorPenalty.Config(std={"a": 1.0}), id="ocean")
+    with pytest.raises(CorrectionError, match=r"ocean: " + message):
+        run_once(plugin, {"a": entry})
+
+
+def test_binding_area_weights_that_are_not_a_float_tensor_is_an_error():
+    with pytest.raises(steadytrain.ConfigError, match=r"ocean: bind\(area_weights=...\) needs"):
+        CorrectorPenalty(CorrectorPenalty.Config(), id="ocean").bind(area_weights=[1.0, 2.0])
+
+
+def test_a_checkpoint_state_of_the_wrong_kind_is_an_error():
+    plugin = CorrectorPenalty(CorrectorPenalty.Config(), id="ocean")
+    with pytest.raises(steadytrain.CheckpointError, match=r"'ocean'.*epoch_sum must be a tensor"):
+        plugin.load_state_dict({"epoch_sum": torch.zeros(3), "epoch_count": 1})

@@ -346,3 +346,40 @@ def test_selecting_nothing_is_an_error():
 def test_missing_model_is_an_error():
     with pytest.raises(steadytrain.ConfigError, match="ema: the ema plugin needs a model"):
         steadytrain.Pipeline([EMA()]).setup(None)
+
+
+def test_start_step_at_or_past_total_steps_is_refused_naming_instance_and_option():
+    for start in (100, 250):
+        pipe = steadytrain.Pipeline([EMA(EMA.Config(start_step=start), id="avg")])
+        with pytest.raises(steadytrain.ConfigError,
+                           match=rf"avg\.start_step: is {start}, but the run has total_steps "
+                           r"= 100 optimizer steps \(0 … 99\), so nothing would ever be "
+                           "averaged"):
+            pipe.setup(make_model(), total_steps=100)
+
+
+def test_start_step_on_the_last_step_averages_once():
+    model = make_model()
+    plugin = EMA(EMA.Config(start_step=4))
+    pipe = steadytrain.Pipeline([plugin]).setup(model, total_steps=5)
+    train(pipe, model, 5)
+    assert plugin.num_updates == 1
+    assert torch.equal(plugin.averaged_state_dict()["0.weight"], model[0].weight)
+
+
+def test_a_selection_of_integer_buffers_only_is_refused():
+    pipe = steadytrain.Pipeline([EMA(EMA.Config(buffers=True), id="avg",
+                                     include=["1.num_batches_tracked"])])
+    with pytest.raises(steadytrain.FilterError,
+                       match=r"avg\.include/exclude: the patterns select only integer tensors "
+                       r"\(1\.num_batches_tracked\), which cannot be averaged"):
+        pipe.setup(make_model())
+
+
+def test_checkpoint_missing_an_entry_is_refused():
+    _, plugin, _ = ema_run(EMA.Config(), 2)
+    state = plugin.state_dict()
+    del state["num_updates"]
+    with pytest.raises(steadytrain.CheckpointError,
+                       match=r"'ema'.*has keys \['shadow'\], expected \['num_updates', 'shadow'\]"):
+        plugin.load_state_dict(state)

@@ -6,15 +6,16 @@ import torch
 from helpers import round_trip
 
 import steadytrain
-from steadytrain import Pipeline
-from steadytrain.plugins.guard import Guard, guarded_step, nonfinite_grads, spike_check
+from steadytrain import Pipeline, step_optimizer
+from steadytrain.plugins.guard import Guard, nonfinite_grads, spike_check
 
 NAN, INF = float("nan"), float("inf")
 
 
-def reference_decisions(losses, bad_grads, factor, window):
-    """The rule written out by hand: skip on NaN/inf, or on loss > factor × mean(last N)."""
-    recorded, decisions = [], []
+def reference_decisions(losses, bad_grads, factor, window, rebaseline_after=3):
+    """The rule written out by hand: skip on NaN/inf, or on loss > factor × mean(last N);
+    after *rebaseline_after* spikes in a row the last N losses are all the latest one."""
+    recorded, decisions, spikes = [], [], 0
     for loss, bad_grad in zip(losses, bad_grads, strict=True):
         finite = math.isfinite(loss)
         spike, value = False, loss
@@ -24,6 +25,10 @@ def reference_decisions(losses, bad_grads, factor, window):
             value = min(loss, limit)
         if finite:
             recorded.append(value)
+        spikes = spikes + 1 if spike else 0
+        if rebaseline_after and spikes == rebaseline_after:
+            recorded += [loss] * window
+            spikes = 0
         decisions.append(not finite or bad_grad or spike)
     return decisions
 
@@ -114,10 +119,96 @@ def test_spike_rule_waits_for_a_full_history():
     assert got == [False] * 6 + [True]
 
 
-def test_spike_factor_zero_and_check_flags_turn_rules_off():
+@pytest.mark.parametrize(
+    ("off", "expected"),
+    [
+        # the loss is 1, 1, 100 (a spike), NaN (with finite gradients); step 1 has NaN gradients
+        ({"check_loss": False}, [False, True, True, False]),
+        ({"check_grads": False}, [False, False, True, True]),
+        ({"spike_factor": 0}, [False, True, False, True]),
+    ],
+)
+def test_each_check_can_be_turned_off_alone(off, expected):
     model = scalar_model()
-    pipe = guard_pipe(model, window=2, spike_factor=0, check_loss=False, check_grads=False)
-    assert drive(pipe, model, [1.0, 1.0, 100.0, NAN], nan_grad_steps={1}) == [False] * 4
+    pipe = guard_pipe(model, window=1, **off)
+    assert drive(pipe, model, [1.0, 1.0, 100.0, NAN], nan_grad_steps={1}) == expected
+
+
+def test_every_check_off_is_refused_saying_what_to_turn_on():
+    options = {"check_loss": False, "check_grads": False, "spike_factor": 0}
+    with pytest.raises(steadytrain.ConfigError) as info:
+        steadytrain.load_config({"plugins": [{"plugin": "guard", **options}]})
+    message = str(info.value)
+    assert message.startswith("plugins[0].check_loss: check_loss and check_grads are false")
+    assert "set check_loss or check_grads to true, or spike_factor > 1" in message
+    with pytest.raises(steadytrain.OptionError, match="every check is off"):
+        Guard.Config(**options)
+
+
+def test_a_gradient_check_without_a_model_is_refused():
+    pipe = Pipeline([Guard(Guard.Config(check_loss=False, spike_factor=0), id="g")])
+    with pytest.raises(steadytrain.ConfigError, match=r"g\.check_grads: only the gradient "
+                       "check is on, and without a model there are no gradients"):
+        pipe.setup()
+
+
+# -- a lasting level shift of the loss -------------------------------------------------
+
+
+def level_shift(before=12, after=30, low=1.0, high=100.0):
+    torch.manual_seed(9)
+    return (low + 0.1 * torch.rand(before)).tolist() + [high] * after
+
+
+def test_a_lasting_level_shift_rebaselines_instead_of_stopping_the_run():
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(0))
+    values = level_shift()
+    model = scalar_model()
+    with structlog.testing.capture_logs() as events:
+        got = drive(guard_pipe(model), model, values)
+    assert got == reference_decisions(values, [False] * len(values), 4.0, 10)
+    assert got == [False] * 12 + [True] * 3 + [False] * 27
+    rebaselined = [e for e in events if e["event"] == "guard.rebaselined"]
+    assert rebaselined == [{"event": "guard.rebaselined", "log_level": "warning",
+                            "id": "guard", "step": 14, "new": 1, "total": 1,
+                            "rebaseline_after": 3}]
+
+
+@pytest.mark.parametrize("after", [1, 2, 5])
+def test_rebaseline_after_sets_the_spikes_it_takes(after):
+    values = level_shift()
+    model = scalar_model()
+    got = drive(guard_pipe(model, rebaseline_after=after), model, values)
+    assert got == reference_decisions(values, [False] * len(values), 4.0, 10, after)
+    assert got == [False] * 12 + [True] * after + [False] * (30 - after)
+
+
+def test_an_isolated_spike_does_not_rebaseline():
+    values = [*level_shift(after=0), 100.0, 1.0, 1.0, 100.0, 100.0, 1.0]
+    model = scalar_model()
+    pipe = guard_pipe(model)
+    got = drive(pipe, model, values)
+    assert got == [False] * 12 + [True, False, False, True, True, False]
+    assert int(pipe.plugins["guard"].rebaselines) == 0
+
+
+def test_without_rebaselining_a_lasting_level_shift_stops_the_run():
+    model = scalar_model()
+    pipe = guard_pipe(model, rebaseline_after=0)
+    with pytest.raises(steadytrain.TrainingError, match=r"guard: 10 optimizer steps in a row "
+                       r"were skipped by step 21 \(max_consecutive_skips = 10\); causes so "
+                       "far: nonfinite_loss 0, nonfinite_grads 0, spike 10"):
+        drive(pipe, model, level_shift())
+
+
+def test_rebaselining_needs_a_limit_above_it():
+    with pytest.raises(steadytrain.ConfigError, match=r"plugins\[0\].rebaseline_after: must "
+                       r"be below max_consecutive_skips \(3\), got 3: the run would stop "
+                       "before re-baselining"):
+        steadytrain.load_config({"plugins": [{"plugin": "guard", "max_consecutive_skips": 3}]})
+    # without the spike rule there is nothing to re-baseline
+    steadytrain.load_config({"plugins": [{"plugin": "guard", "max_consecutive_skips": 3,
+                                          "spike_factor": 0}]})
 
 
 def test_loss_of_accumulated_micro_batches_is_their_mean():
@@ -184,7 +275,7 @@ def test_training_matches_a_reference_loop_that_skips_by_hand():
         assert torch.equal(ours, theirs)
 
 
-# -- guarded_step against an optimizer that was not stepped -------------------------------
+# -- step_optimizer against an optimizer that was not stepped -------------------------------
 
 
 @pytest.mark.parametrize(
@@ -198,7 +289,7 @@ def test_training_matches_a_reference_loop_that_skips_by_hand():
     ],
 )
 @pytest.mark.parametrize("pattern", [[0, 1, 1, 0, 1, 0, 0], [1, 0, 1, 0]])
-def test_guarded_step_equals_not_stepping(cls, options, pattern):
+def test_step_optimizer_equals_not_stepping(cls, options, pattern):
     torch.manual_seed(4)
     model, reference = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
     reference.load_state_dict(model.state_dict())
@@ -211,7 +302,7 @@ def test_guarded_step_equals_not_stepping(cls, options, pattern):
             m(x).pow(2).sum().backward()
         if skip:
             model.weight.grad[0, 0] = NAN
-        guarded_step(opt, torch.tensor(bool(skip)))
+        step_optimizer(opt, torch.tensor(bool(skip)))
         if not skip:
             ref_opt.step()
     for ours, theirs in zip(model.parameters(), reference.parameters(), strict=True):
@@ -220,7 +311,7 @@ def test_guarded_step_equals_not_stepping(cls, options, pattern):
     assert all(int(s) == pattern.count(0) for s in steps)
 
 
-def test_guarded_step_takes_the_outcome_and_plain_optimizers():
+def test_step_optimizer_takes_the_outcome_and_plain_optimizers():
     torch.manual_seed(5)
     model = scalar_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)  # not fused: the flag is read
@@ -229,43 +320,45 @@ def test_guarded_step_takes_the_outcome_and_plain_optimizers():
     for value in (1.0, NAN):
         pipe.before_step()
         pipe.compute_loss(model.weight.sum() * value).backward()
-        guarded_step(opt, pipe.after_backward())
+        step_optimizer(opt, pipe.after_backward())
         pipe.consolidate()
         opt.zero_grad()
     assert torch.equal(model.weight, before - 0.1)
 
 
 @pytest.mark.parametrize("skip", [True, False])
-def test_guarded_step_with_a_python_bool(skip):
+def test_step_optimizer_with_a_python_bool(skip):
     model = scalar_model()
     before = model.weight.detach().clone()
     model.weight.grad = torch.ones_like(model.weight)
-    guarded_step(torch.optim.SGD(model.parameters(), lr=1.0), skip)
+    step_optimizer(torch.optim.SGD(model.parameters(), lr=1.0), skip)
     assert torch.equal(model.weight, before if skip else before - 1)
 
 
-def test_guarded_step_refuses_an_optimizer_driven_by_a_grad_scaler():
+def test_step_optimizer_refuses_an_optimizer_driven_by_a_grad_scaler():
     model = scalar_model()
     opt = torch.optim.Adam(model.parameters(), fused=True)
     opt.found_inf = torch.zeros(())
-    with pytest.raises(RuntimeError, match="GradScaler"):
-        guarded_step(opt, torch.tensor(False))
+    with pytest.raises(steadytrain.UsageError, match="GradScaler"):
+        step_optimizer(opt, torch.tensor(False))
 
 
 # -- consecutive skips, snapshots, events -------------------------------------------------
 
 
-def test_consecutive_skips_raise_at_the_next_check():
+def test_consecutive_skips_stop_the_run_at_the_next_check():
     model = scalar_model()
-    pipe = guard_pipe(model, max_consecutive_skips=3, check_every=4)
-    with pytest.raises(steadytrain.HookError, match=r"3 optimizer steps in a row") as info:
+    pipe = guard_pipe(model, max_consecutive_skips=3, check_every=4, rebaseline_after=2)
+    with pytest.raises(steadytrain.TrainingError,
+                       match=r"3 optimizer steps in a row were skipped by step 3 "
+                       r"\(max_consecutive_skips = 3\); causes so far: nonfinite_loss 3"):
         drive(pipe, model, [1.0, NAN, NAN, NAN, 1.0, 1.0, 1.0, 1.0])
-    assert info.value.step == 3 and "max_consecutive_skips = 3" in str(info.value)
+    assert pipe.run.step == 3  # the step that read the counters did not close
 
 
 def test_separate_skips_do_not_add_up():
     model = scalar_model()
-    pipe = guard_pipe(model, max_consecutive_skips=2, check_every=3)
+    pipe = guard_pipe(model, max_consecutive_skips=2, check_every=3, spike_factor=0)
     assert drive(pipe, model, [NAN, 1.0, NAN, 1.0, NAN, 1.0]).count(True) == 3
 
 
@@ -319,7 +412,7 @@ def _train(pipe, model, opt, data):
     for x, y, s in data:
         pipe.before_step()
         pipe.compute_loss(torch.nn.functional.mse_loss(model(x), y) * s).backward()
-        guarded_step(opt, pipe.after_backward())
+        step_optimizer(opt, pipe.after_backward())
         pipe.consolidate()
         opt.zero_grad()
         trajectory.append(model.weight.detach().clone())
@@ -397,6 +490,8 @@ def test_registered_and_configurable_from_toml(tmp_path):
         ("check_every", 0, "must be an integer >= 1"),
         ("snapshot_every", -2, "must be an integer >= 0"),
         ("restore_after", -1, "must be an integer >= 0"),
+        ("rebaseline_after", -1, "must be an integer >= 0"),
+        ("rebaseline_after", 1.5, "expected an integer"),
         ("snapshot_device", "gpu", "must be one of 'same', 'cpu'"),
     ],
 )
@@ -425,12 +520,30 @@ def test_snapshots_without_a_model_are_an_error():
         pipe.setup()
 
 
-def test_missing_task_loss_is_an_error():
+def test_a_step_without_a_task_loss_is_an_error_naming_the_guard():
     model = scalar_model()
     pipe = guard_pipe(model)
     pipe.before_step()
-    with pytest.raises(steadytrain.SteadytrainError, match="no task loss this step"):
-        pipe.compute_loss(None)
+    model.weight.sum().backward()  # the host backpropagated its own loss, not compute_loss's
+    with pytest.raises(steadytrain.ConfigError, match=r"guard: no task loss this step; pass "
+                       r"it to pipe\.compute_loss\(loss\)"):
+        pipe.after_backward()
+
+
+def test_the_guard_reads_the_step_loss_the_core_records():
+    model = scalar_model()
+    pipe = guard_pipe(model)
+    pipe.before_step(micro_batch=0, num_micro_batches=2)
+    pipe.compute_loss(model.weight.sum() * 0 + 1.0).backward()
+    ctx = pipe.before_step(micro_batch=1, num_micro_batches=2)
+    pipe.compute_loss(model.weight.sum() * 0 + 3.0).backward()
+    assert ctx.step_loss.item() == 2.0
+    assert pipe.plugins["guard"].step_loss(ctx).item() == 2.0
+
+
+def test_check_flags_must_be_booleans():
+    with pytest.raises(steadytrain.OptionError, match="check_grads: must be true or false"):
+        Guard.Config(check_grads="no")
 
 
 def test_gradient_only_guard_needs_no_loss():
@@ -440,3 +553,79 @@ def test_gradient_only_guard_needs_no_loss():
     model.weight.grad = torch.full_like(model.weight, NAN)
     pipe.compute_loss(model.weight.sum())
     assert pipe.after_backward().skip
+
+
+# -- on CUDA: the counters reach the host without a sync ---------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+class CudaRun:
+    """A guarded CUDA model stepped with step_optimizer; ``step(busy=True)`` keeps the
+    device busy before ``consolidate`` so that a copy started there cannot arrive in it."""
+
+    def __init__(self, **options):
+        torch.manual_seed(10)
+        self.model = torch.nn.Linear(4, 1).cuda()
+        self.opt = torch.optim.AdamW(self.model.parameters(), fused=True)
+        self.pipe = Pipeline([Guard(Guard.Config(**options))]).setup(self.model, self.opt)
+        self.x = torch.randn(8, 4, device="cuda")
+
+    def step(self, scale=1.0, *, busy=False):
+        pipe = self.pipe
+        pipe.before_step()
+        pipe.compute_loss(self.model(self.x).pow(2).mean() * scale).backward()
+        step_optimizer(self.opt, pipe.after_backward())
+        if busy:
+            torch.cuda._sleep(200_000_000)
+        pipe.consolidate()
+        self.opt.zero_grad()
+
+
+def synchronize():
+    torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+
+
+def guard_events(events):
+    return [(e["event"], e["step"]) for e in events if e["event"].startswith("guard.")]
+
+
+@cuda
+def test_on_cuda_the_counters_are_read_at_a_later_step_without_a_sync():
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(0))
+    run = CudaRun(check_every=2, max_consecutive_skips=2, spike_factor=0)
+    run.step()  # the fused optimizer's first step reads the flag once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with structlog.testing.capture_logs() as events:
+            run.step(NAN, busy=True)  # step 1 checks: its counters are still on the way
+            assert guard_events(events) == []
+            synchronize()
+            run.step(NAN)  # they have arrived and are read here, at step 2
+            assert guard_events(events) == [("guard.skipped", 1)]
+            run.step(NAN, busy=True)  # step 3 checks a run of 3 skips
+            synchronize()
+            with pytest.raises(steadytrain.TrainingError, match="3 optimizer steps in a row "
+                               "were skipped by step 3"):
+                run.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda
+def test_on_cuda_a_read_in_flight_is_checkpointed_and_completed_after_the_resume():
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(0))
+    run = CudaRun(check_every=2)
+    run.step()
+    run.step(NAN, busy=True)
+    saved = round_trip(run.pipe.state_dict())
+    assert saved["instances"]["guard"]["state"]["pending_read"]["step"] == 1
+    resumed = CudaRun(check_every=2)
+    resumed.pipe.load_state_dict(saved)
+    with structlog.testing.capture_logs() as events:
+        torch.cuda.synchronize()
+        resumed.step()
+    assert guard_events(events) == [("guard.skipped", 1)]

@@ -122,6 +122,7 @@ def test_toml_config_and_stateless_checkpoint_round_trip():
         ({"logits_key": ""}, r"plugins\[0\]\.logits_key: must be a non-empty string"),
         ({"targets_key": 3}, r"plugins\[0\]\.targets_key: "),
         ({"ignore_index": 0.5}, r"plugins\[0\]\.ignore_index: expected an integer"),
+        ({"check": "always"}, r"plugins\[0\]\.check: must be one of 'auto', 'every_step'"),
     ],
 )
 def test_bad_options_are_config_errors(options, message):
@@ -134,10 +135,10 @@ def test_include_is_an_error():
         steadytrain.Pipeline([LabelSmoothing(id="ls", include=["decoder.*"])]).setup()
 
 
-def step_error(config, *, outputs, targets):
+def step_error(config, *, outputs, targets, error=steadytrain.SteadytrainError):
     pipe = steadytrain.Pipeline([LabelSmoothing(config, id="ls")]).setup()
     pipe.before_step(targets=targets)
-    with pytest.raises((steadytrain.HookError, steadytrain.ConfigError)) as info:
+    with pytest.raises(error) as info:
         pipe.compute_loss(None, outputs=outputs)
     return str(info.value)
 
@@ -170,19 +171,79 @@ def test_missing_or_misplaced_targets_are_errors(config, targets, message):
 @pytest.mark.parametrize(
     ("config", "make_targets", "message"),
     [
-        ({}, lambda t: t.float(), "ls: targets must be class indices (an integer tensor), got "
-                                  "torch.float32"),
-        ({}, lambda t: t[:, :2], "ls: targets of shape (2, 2) do not fit logits of shape "
-                                 "(2, 3, 7)"),
-        ({"class_dim": 1}, lambda t: t, "ls: targets of shape (2, 3) do not fit logits"),
-        ({"class_dim": 3}, lambda t: t, "ls: class_dim 3 is out of range for logits of shape "
+        ({}, lambda t: t.float(), "ls.targets_key: must be class indices (an integer tensor), "
+                                  "got torch.float32"),
+        ({}, lambda t: t[:, :2], "ls.class_dim: targets of shape (2, 2) do not fit logits of "
+                                 "shape (2, 3, 7)"),
+        ({"class_dim": 1}, lambda t: t, "ls.class_dim: targets of shape (2, 3) do not fit "
+                                        "logits of shape (2, 3, 7) with the classes in "
+                                        "dimension 1 (the targets must have shape (2, 7))"),
+        ({"class_dim": 3}, lambda t: t, "ls.class_dim: 3 is out of range for logits of shape "
                                         "(2, 3, 7)"),
     ],
 )
 def test_wrong_targets_or_shapes_are_errors(config, make_targets, message):
     logits, targets = batch(2, 3)
     assert message in step_error(LabelSmoothing.Config(**config), outputs={"logits": logits},
-                                 targets=make_targets(targets))
+                                 targets=make_targets(targets), error=steadytrain.ConfigError)
+
+
+def with_target(targets, value):
+    targets = targets.clone()
+    targets.view(-1)[-1] = value
+    return targets
+
+
+@pytest.mark.parametrize("value", [7, 12])
+def test_targets_outside_the_classes_name_the_value_the_classes_and_the_option(value):
+    logits, targets = batch(2, 3)
+    message = step_error(LabelSmoothing.Config(), outputs={"logits": logits},
+                         targets=with_target(targets, value), error=steadytrain.ConfigError)
+    assert message.startswith(
+        f"ls.class_dim: the targets hold {value}, but the logits have 7 classes (0 … 6) in "
+        "dimension -1 of shape (2, 3, 7); every target must be a class or ignore_index (-100)"
+    )
+
+
+@pytest.mark.parametrize(("host", "ours"), [(-100, -1), (-1, -100), (-100, 0)])
+def test_an_ignore_index_other_than_the_hosts_is_an_error_naming_it(host, ours):
+    logits, targets = batch(2, 3, ignore_index=host)
+    message = step_error(LabelSmoothing.Config(ignore_index=ours), outputs={"logits": logits},
+                         targets=targets, error=steadytrain.ConfigError)
+    assert message.startswith(
+        f"ls.ignore_index: the targets hold {host}, which is neither a class (0 … 6) nor "
+        f"ignore_index ({ours}); set ignore_index to the value the host's loss ignores"
+    )
+
+
+def test_the_plain_function_checks_targets_when_asked():
+    logits, targets = batch(2, 3)
+    with pytest.raises(steadytrain.OptionError, match=r"ignore_index: the targets hold -5"):
+        label_smoothing_term(logits, with_target(targets, -5), check_targets=True)
+    good = label_smoothing_term(logits, targets, check_targets=True)
+    torch.testing.assert_close(good, label_smoothing_term(logits, targets))
+
+
+@pytest.mark.parametrize(("check", "checked_later"),
+                         [("auto", True), ("every_step", True), ("first_step", False)])
+def test_check_policy_says_which_steps_are_checked(check, checked_later):
+    logits, targets = batch(2, 3)
+    pipe = steadytrain.Pipeline([LabelSmoothing(LabelSmoothing.Config(check=check),
+                                                id="ls")]).setup()
+    smoothed_step(pipe, logits, targets)
+    pipe.before_step(targets=with_target(targets, 9))
+    with pytest.raises(steadytrain.SteadytrainError) as info:
+        pipe.compute_loss(torch.tensor(1.0), outputs={"logits": logits})
+    # unchecked, the bad index reaches torch's gather, whose own error the core wraps
+    assert isinstance(info.value, steadytrain.ConfigError) is checked_later
+    assert ("ls.class_dim: the targets hold 9" in str(info.value)) is checked_later
+
+
+def test_check_never_skips_the_first_step_too():
+    logits, targets = batch(2, 3)
+    message = step_error(LabelSmoothing.Config(check="never"), outputs={"logits": logits},
+                         targets=with_target(targets, 9), error=steadytrain.HookError)
+    assert "out of bounds" in message
 
 
 def test_low_precision_logits_give_a_float32_term_of_the_same_values():
