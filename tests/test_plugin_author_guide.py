@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -52,6 +53,19 @@ print(json.dumps({"loss": loss.item(), "expected": expected.item(),
 """
 
 
+# Loads the plugin of an entry point whose name is not its class's name.
+MISNAMED = """
+import json, steadytrain
+registry = steadytrain.Registry.discover()
+try:
+    registry.get("acme_l2")
+except steadytrain.RegistryError as exc:
+    message = str(exc)
+listed = {entry.name: entry.error for entry in registry.entries()}
+print(json.dumps({"message": message, "listed_as_broken": listed["acme_l2"] is not None}))
+"""
+
+
 def guide_files() -> dict[str, str]:
     files: dict[str, str] = {}
     for match in FILE_BLOCK.finditer(GUIDE.read_text()):
@@ -72,6 +86,16 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def entry_points(sample: Path) -> dict[str, str]:
     project = tomllib.loads((sample / DISTRIBUTION / "pyproject.toml").read_text())
     return project["project"]["entry-points"]["steadytrain.plugins"]
+
+
+def pip_install(project: Path, site: Path) -> dict[str, str]:
+    """Install *project* into the folder *site*; the environment that finds it there."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", "install",
+         "--no-deps", "--no-build-isolation", "--target", str(site), str(project)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    return {**os.environ, "PYTHONPATH": str(site)}
 
 
 def load_module(path: Path):
@@ -118,13 +142,7 @@ def test_the_in_process_registration_snippet_runs(sample):
 
 @pytest.mark.slow
 def test_the_sample_distribution_installs_and_trains_through_a_config(sample, tmp_path):
-    site = tmp_path / "site"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", "install",
-         "--no-deps", "--no-build-isolation", "--target", str(site), str(sample / DISTRIBUTION)],
-        check=True, capture_output=True, text=True, timeout=300,
-    )
-    env = {**os.environ, "PYTHONPATH": str(site)}
+    env = pip_install(sample / DISTRIBUTION, tmp_path / "site")
     result = subprocess.run([sys.executable, "-c", USE_IT], capture_output=True, text=True,
                             cwd=sample, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -135,3 +153,22 @@ def test_the_sample_distribution_installs_and_trains_through_a_config(sample, tm
     assert report["loss"] == pytest.approx(report["expected"], rel=1e-6)
     assert {"reg/acme_output_penalty/penalty",
             "reg_weighted/acme_output_penalty/penalty"} <= set(report["metrics"])
+
+
+@pytest.mark.slow
+def test_an_entry_point_named_unlike_its_plugin_class_is_refused(sample, tmp_path):
+    project = tmp_path / DISTRIBUTION
+    shutil.copytree(sample / DISTRIBUTION, project,
+                    ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    pyproject = project / "pyproject.toml"
+    text = pyproject.read_text()
+    assert "\nacme_output_penalty = " in text
+    pyproject.write_text(text.replace("\nacme_output_penalty = ", "\nacme_l2 = "))
+    env = pip_install(project, tmp_path / "site")
+    result = subprocess.run([sys.executable, "-c", MISNAMED], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    refusal = json.loads(result.stdout.splitlines()[-1])
+    assert "'acme_l2'" in refusal["message"]
+    assert "OutputPenalty.name is 'acme_output_penalty'" in refusal["message"]
+    assert refusal["listed_as_broken"]
