@@ -141,7 +141,14 @@ def group_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
 
 
 class Variant:
-    """One way of training: its optimizer, its technique state and its step."""
+    """One way of training: its optimizer, its technique state and its step.
+
+    ``config``, :meth:`setup_pipeline`, :meth:`hand_loss`, :meth:`group_norms` and
+    :meth:`agree` are what a variant of this benchmark (other techniques, several
+    processes) changes.
+    """
+
+    config = CONFIG
 
     def __init__(self, name: str, model: nn.Module, forward: nn.Module, device: torch.device,
                  total_steps: int, lr: float) -> None:
@@ -152,10 +159,13 @@ class Variant:
                                        enabled=device.type == "cuda")
         self.pipe = None
         if name == "pipeline":
-            self.pipe = steadytrain.Pipeline.from_config(CONFIG).setup(
-                model, self.optimizer, total_steps=total_steps)
+            self.pipe = self.setup_pipeline(steadytrain.Pipeline.from_config(self.config),
+                                            total_steps)
         if name == "hand":
             self._setup_hand()
+
+    def setup_pipeline(self, pipe: steadytrain.Pipeline, total_steps: int) -> steadytrain.Pipeline:
+        return pipe.setup(self.model, self.optimizer, total_steps=total_steps)
 
     # -- the README's loop --------------------------------------------------------
 
@@ -206,7 +216,7 @@ class Variant:
         clock.mark()
         with self.autocast:
             logits = self.forward(x)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), label_smoothing=SMOOTHING)
+        loss = self.hand_loss(logits, y)
         clock.mark()
         loss.backward()
         clock.mark()
@@ -224,12 +234,24 @@ class Variant:
         optimizer.zero_grad()
         clock.mark()
 
+    def hand_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The task loss with the techniques' terms, inline: torch's label smoothing."""
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), label_smoothing=SMOOTHING)
+
+    def group_norms(self, groups: list[list[nn.Parameter]]) -> torch.Tensor:
+        """The gradient norm of each group of parameters, one tensor."""
+        return torch.stack([
+            torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+            for params in groups])
+
+    def agree(self, skip: torch.Tensor) -> torch.Tensor:
+        """The skip decision of the step from this process's verdict: the verdict."""
+        return skip
+
     @torch.no_grad()
     def _guard_and_clip(self, loss: torch.Tensor) -> torch.Tensor:
         groups = ((self.attention, ATTENTION_MAX_NORM), (self.rest, REST_MAX_NORM))
-        norms = torch.stack([
-            torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-            for params, _ in groups])
+        norms = self.group_norms([params for params, _ in groups])
         for (params, max_norm), norm in zip(groups, norms, strict=True):
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
         finite = torch.isfinite(loss)
@@ -247,6 +269,7 @@ class Variant:
         self.count.add_(finite.to(torch.int64))
         skip = loss_bad | grads_bad | spike
         self.counters.add_(torch.stack([skip, loss_bad, grads_bad, spike]).to(torch.int64))
+        skip = self.agree(skip)
         self.run_length.add_(1).mul_(skip.to(torch.int64))
         torch.maximum(self.longest, self.run_length, out=self.longest)
         return skip
