@@ -48,9 +48,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 from collections import Counter, defaultdict
@@ -59,6 +61,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import structlog
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -445,6 +448,9 @@ def check_checkpoint(mode: str, args: argparse.Namespace, device: torch.device,
     half = args.check_steps
     steps = 2 * half
     batches = shares(global_batches(args, world()[1], device))
+    if world()[0] == 0:
+        shutil.rmtree(folder, ignore_errors=True)  # a checkpoint of an earlier run
+    dist.barrier()
     model = build(mode, args, device)
     variant = DistributedVariant("pipeline", model, model, device, steps, args.lr)
     train(variant, batches, range(half))
@@ -453,7 +459,7 @@ def check_checkpoint(mode: str, args: argparse.Namespace, device: torch.device,
     uninterrupted = local_state(variant)
     variant.pipe.close()
     del variant, model
-    restart_process_group(device, f"resumed-{mode}")
+    restart_process_group(device)
     model = build(mode, args, device, seed=2)  # other weights: the checkpoint must replace them
     variant = DistributedVariant("pipeline", model, model, device, steps, args.lr)
     distributed.load(folder, variant.pipe, model=model, optimizer=variant.optimizer)
@@ -480,23 +486,37 @@ def precision(device: torch.device) -> str:
     return "bfloat16" if device.type == "cuda" else "float32"
 
 
-def start_process_group(device: torch.device, name: str = "") -> None:
-    if device.type == "cuda":
-        dist.init_process_group("nccl", device_id=device, group_name=name)
+def start_process_group(device: torch.device, store: dist.Store | None = None) -> None:
+    """The process group of all ranks: NCCL on CUDA, gloo on the CPU; through torchrun's
+    rendezvous, or through *store*."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    bound = {"device_id": device} if device.type == "cuda" else {}
+    if store is None:
+        dist.init_process_group(backend, **bound)
     else:
-        dist.init_process_group("gloo", group_name=name)
+        rank, ranks = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(backend, store=store, rank=rank, world_size=ranks, **bound)
 
 
-def restart_process_group(device: torch.device, name: str) -> None:
-    """Destroy the process group and start a fresh one, named *name*.
+def restart_process_group(device: torch.device) -> None:
+    """Destroy the process group and start a fresh one, with a store of its own.
 
-    The new group's keys in torchrun's store are prefixed with its name: under the name of
-    the old one, a rank could read the old group's addresses and connect to closed sockets.
+    Started again through torchrun's store, the ranks of a fresh gloo group at times wait
+    for each other forever while they connect (torch 2.13); a store that no group used
+    before avoids it. Rank 0 serves it on a free port, which the old group tells the others.
     """
+    rank, ranks = world()
+    host = os.environ["MASTER_ADDR"]
+    store = (dist.TCPStore(host, 0, ranks, is_master=True, wait_for_workers=False)
+             if rank == 0 else None)
+    port = [store.port if store is not None else None]
+    dist.broadcast_object_list(port)
     # DDP's reducer keeps the group alive from inside a reference cycle: collect it first.
     gc.collect()
     dist.destroy_process_group()
-    start_process_group(device, name)
+    if store is None:
+        store = dist.TCPStore(host, port[0], ranks, is_master=False)
+    start_process_group(device, store)
 
 
 def run_mode(mode: str, args: argparse.Namespace, device: torch.device,
@@ -560,6 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     ranks = int(os.environ["WORLD_SIZE"])
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     distributed.log_on_rank_zero()
     one_process = reference(args, device, ranks) if "equivalence" in args.checks else None
     start_process_group(device)
@@ -616,9 +637,10 @@ def report(args: argparse.Namespace, device: torch.device, ranks: int,
                 s = r["skip"]
                 at = s["corrupted"]
                 for name in ("pipeline", "hand"):
-                    moved = " | ".join(
-                        "".join("stepped " if m else "SKIPPED " for m in rank[name]["moved"])
-                        for rank in s["ranks"])
+                    moved = "; ".join(
+                        f"rank {i}: " + " ".join("stepped" if m else "SKIPPED"
+                                                 for m in rank[name]["moved"])
+                        for i, rank in enumerate(s["ranks"]))
                     print(f"{mode:7}{name:10}inf on rank {at['rank']} at step {at['step']}: "
                           f"{moved}  {verdict(s['passed'])}")
                 guard = s["ranks"][0]["pipeline"]["guard/nonfinite_grads"]
