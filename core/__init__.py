@@ -4,7 +4,7 @@ Everything a plugin author or a host needs is importable from here; ``__all__`` 
 public API and built-in plugins use nothing else.
 """
 
-from . import hookspecs, losses, schedules, sources, validators
+from . import grad_norms, hookspecs, losses, schedules, sources, validators
 from ._version import __version__
 from .config import (
     GroupSpec,
@@ -62,6 +62,7 @@ __all__ = [
     "UsageError",
     "VariableFilter",
     "__version__",
+    "grad_norms",
     "hookimpl",
     "hookspecs",
     "load_config",

@@ -152,6 +152,12 @@ def after_backward(ctx: StepContext) -> None:
     not to step the optimizer this time, call ``ctx.request_skip(reason, when=...)``;
     ``when`` may be a device tensor so that the decision costs no host sync until the host
     reads it.
+
+    Take gradient norms with ``ctx.gradient_norms(params)`` (per tensor) and
+    ``ctx.gradient_norm(params)`` (total) rather than computing them: every plugin of the
+    step shares one fused computation. A plugin whose hook changes the gradients declares
+    ``rescales_gradients = True`` (the core then drops the shared norms after its hook) or
+    calls ``ctx.gradients_changed()``.
     """
 
 

@@ -40,6 +40,7 @@ from .config import RunConfig, disabled_names, load_config
 from .context import Run, StepContext, StepOutcome, _active_step
 from .errors import ConfigError, TermError, UsageError
 from .filters import VariableFilter
+from .grad_norms import GradientNorms
 from .hook_table import HookTable, name_of
 from .loss import LossComposer, check_task_loss, instance_weight
 from .registry import Registry
@@ -75,6 +76,7 @@ class Pipeline:
         self._pending_state: Mapping[str, Any] | None = None
         self._is_setup = False
         self._closed = False
+        self._model_parameters: list[torch.nn.Parameter] | None = None
         self._finite_check = finite_check
         for plugin in plugins:
             self._hooks.add(plugin)
@@ -170,6 +172,13 @@ class Pipeline:
         """Whether the host must call ``backward(create_graph=True)``."""
         return any(getattr(p, "needs_create_graph", False)
                    for p in self._hooks.instances.values())
+
+    def _gradient_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters whose gradient norms the first request of a step computes."""
+        if self._model_parameters is None:
+            model = self.run.model
+            self._model_parameters = [] if model is None else list(model.parameters())
+        return self._model_parameters
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """Learnable parameters owned by plugins, for the host's optimizer."""
@@ -412,7 +421,8 @@ class Pipeline:
 
         Call once per optimizer step, after the backward of the last micro-batch. Under
         ``torch.distributed`` the decision is made the same on every rank (one all-reduce
-        that stays on the device).
+        that stays on the device). The plugins share one computation of the gradients'
+        norms (``ctx.gradient_norms``), dropped after each plugin that rescales gradients.
         """
         ctx = self._open_step("after_backward")
         if self._outcome is not None:
@@ -433,7 +443,11 @@ class Pipeline:
                 "loss = pipe.compute_loss(task_loss) instead of the task loss alone"
             )
         self._flush_metrics(ctx)
-        self._call("after_backward", ctx)
+        ctx.norm_cache = GradientNorms(self._gradient_parameters)
+        try:
+            self._call("after_backward", ctx)
+        finally:
+            ctx.norm_cache = None
         outcome = StepOutcome(tuple(ctx.skip_requests))
         if _world_size() > 1:
             outcome.agree()

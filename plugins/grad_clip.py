@@ -5,9 +5,12 @@ What it does
     parameters no group claims form the group ``default``) and, after the backward of each
     optimizer step, scales the gradients of every group whose total norm exceeds its
     ``max_norm`` down to that norm, as ``torch.nn.utils.clip_grad_norm_`` would do for the
-    group alone. Each group's norm is torch's ``get_total_norm`` and its gradients are
-    scaled by torch's ``clip_grads_with_norm_`` (one fused call each), with the norm kept
-    as a device tensor: the host never waits for the device. Three modes:
+    group alone. Each group's norm is its total norm as torch's ``get_total_norm`` takes
+    it, combined from the per-tensor norms the step's plugins share
+    (``ctx.gradient_norm``: one fused pass over the gradients serves the guard, the
+    clipping and the metrics alike), and its gradients are scaled by torch's
+    ``clip_grads_with_norm_`` (one fused call each), with the norm kept as a device
+    tensor: the host never waits for the device. Three modes:
 
     ``norm``
         The threshold is ``max_norm``.
@@ -104,24 +107,16 @@ def _splits_rows(tensor: torch.Tensor) -> bool:
 
 
 def total_norm(grads: Sequence[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
-    """torch's ``get_total_norm`` of *grads*, over every rank's shard of sharded gradients.
+    """torch's ``get_total_norm`` of *grads* (in float32), over every rank's shard of
+    sharded gradients.
 
-    The gradients of a model sharded with FSDP2 (``fully_shard``) are DTensors; the norm
-    of a DTensor is reduced across its device mesh, so every rank gets the norm of the
-    whole gradient as a plain tensor. Gradients on different meshes, and plain ones, are
-    combined as the norm of their norms.
+    The gradients of a model sharded with FSDP2 (``fully_shard``) are DTensors; their
+    norms are reduced across the device mesh
+    (:func:`steadytrain.grad_norms.tensor_norms`), so every rank gets the norm of the
+    whole gradient as a plain tensor.
     """
-    dtensor = _dtensor_class()
-    if dtensor is None or not any(isinstance(g, dtensor) for g in grads):
-        return torch.nn.utils.get_total_norm(list(grads), norm_type, foreach=True)
-    by_mesh: dict[Any, list[torch.Tensor]] = {}
-    for grad in grads:
-        by_mesh.setdefault(getattr(grad, "device_mesh", None), []).append(grad)
-    norms = [torch.nn.utils.get_total_norm(part, norm_type, foreach=True)
-             for part in by_mesh.values()]
-    # full_tensor() reduces a partial norm across the mesh (a no-op on a replicated one).
-    norms = [n.full_tensor() if isinstance(n, dtensor) else n for n in norms]
-    return torch.nn.utils.get_total_norm(norms, norm_type, foreach=True)
+    norms = steadytrain.grad_norms.tensor_norms(list(grads), norm_type)
+    return steadytrain.grad_norms.total_norm(norms, norm_type)
 
 
 def grad_group_norms(
@@ -336,7 +331,10 @@ class GradClip(steadytrain.Plugin):
     @steadytrain.hookimpl
     def after_backward(self, ctx: steadytrain.StepContext) -> None:
         grads = [_grads(params) for params in self.params]
-        norms = grad_group_norms(grads, self._norm_types, device=self._device)
+        # The norms every plugin of the step shares (a guard before this one took them).
+        norms = torch.stack([ctx.gradient_norm(params, norm_type=norm_type)
+                             for params, norm_type in zip(self.params, self._norm_types,
+                                                          strict=True)])
         if self.config.mode == "agc":
             for group, params in zip(self.groups, self.params, strict=True):
                 unitwise_clip_grad_(params, group.clipping, self.config.eps)
