@@ -12,7 +12,9 @@ from steadytrain import Pipeline, hookimpl
 from steadytrain.grad_norms import tensor_norms, total_norm
 from steadytrain.plugins.grad_clip import GradClip
 
-GUIDE = Path(__file__).resolve().parents[1] / "docs" / "plugin-authors.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+GUIDE = DOCS / "plugin-authors.md"
+USER_GUIDE = DOCS / "user-guide.md"
 NORM_TYPES = [1.0, 2.0, 3.5, math.inf]
 
 
@@ -295,3 +297,13 @@ def test_the_plugin_author_guides_gradient_norm_example_records_per_group_norms(
         "layer_norms/0.bias", "layer_norms/0.weight"]
     assert metrics["layer_norms/0.weight"] == pytest.approx(norms_of(raw)[0].item(), rel=1e-6)
     assert metrics["layer_norms/0.bias"] == pytest.approx(norms_of(raw)[1].item(), rel=1e-6)
+
+
+def test_the_user_guides_loop_example_prints_torchs_total_norm(capsys):
+    section = USER_GUIDE.read_text().split("### Gradient norms, shared", 1)[1].split("\n#", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    model = net()
+    model(torch.randn(5, 4)).pow(2).sum().backward()
+    exec(compile(code, str(USER_GUIDE), "exec"), {"model": model})
+    expected = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    assert float(capsys.readouterr().out) == pytest.approx(expected.item(), rel=1e-6)
