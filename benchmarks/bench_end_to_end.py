@@ -34,10 +34,14 @@ the kernels whose time differs most between ``pipeline`` and ``hand``.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
+import os
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 import warnings
 from collections import Counter, defaultdict
@@ -334,40 +338,98 @@ def count_syncs(variant: Variant, batches: list, steps: int) -> float:
     return caught_total / steps
 
 
-def profile(variants: list[Variant], batches: list, steps: int = 3) -> None:
+def gpu_intervals(trace_path: str) -> tuple[list[tuple[float, float]], Counter, Counter]:
+    """The busy intervals (µs, merged), and the calls and µs by name, of the GPU work in a
+    chrome trace that ``torch.profiler`` exported."""
+    opener = gzip.open if trace_path.endswith(".gz") else open
+    with opener(trace_path, "rt") as file:
+        events = json.load(file)["traceEvents"]
+    work = sorted((e["ts"], e["ts"] + e.get("dur", 0), e["name"]) for e in events
+                  if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    calls, spent = Counter(), Counter()
+    merged: list[list[float]] = []
+    for begin, end, name in work:
+        calls[name] += 1
+        spent[name] += end - begin
+        if merged and begin <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([begin, end])
+    return [(b, e) for b, e in merged], calls, spent
+
+
+def busy_between(intervals: list[tuple[float, float]], begin: float, end: float) -> float:
+    return sum(max(0.0, min(e, end) - max(b, begin)) for b, e in intervals)
+
+
+def profile(variants: list[Variant], batches: list, steps: int, folder: str | None) -> dict:
+    """Run one round of *steps* steps of each variant under ``torch.profiler``, from an
+    empty GPU queue as in the measured rounds, and say where each phase's GPU time went:
+    kernels (busy) or waiting for the host (idle).
+
+    The phases' windows on the GPU are the CUDA-event times of the round laid end to end
+    from its first kernel. Each variant's trace is written to *folder* (gzip'd chrome
+    trace) when given.
+    """
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    kernels: dict[str, Counter] = {}
-    times: dict[str, Counter] = {}
+    report = {}
     for variant in variants:
-        torch.cuda.synchronize()
-        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        key = f"{'compiled' if variant.forward is not variant.model else 'eager'}/{variant.name}"
+        cuda = variant.device.type == "cuda"
+        # On the CPU (a smoke run of this code) the trace holds no GPU work.
+        activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+        synchronize = torch.cuda.synchronize if cuda else (lambda: None)
+        synchronize()
+        clocks = []
+        with torch_profile(activities=[activity]) as prof:
             for i in range(steps):
-                variant.step(*batches[i % len(batches)], Clock(variant.device))
-            torch.cuda.synchronize()
-        count, spent = Counter(), Counter()
-        for event in prof.events():
-            if event.device_type == torch.autograd.DeviceType.CUDA:
-                count[event.name] += 1
-                spent[event.name] += event.device_time_total
-        kernels[variant.name], times[variant.name] = count, spent
+                clock = Clock(variant.device)
+                variant.step(*batches[i % len(batches)], clock)
+                clocks.append(clock)
+            synchronize()
         variant.end_of_round()
-        print(f"profile {variant.name}: {sum(count.values()) / steps:.0f} kernels/step, "
-              f"{sum(spent.values()) / steps / 1e3:.3f} ms of kernel time/step")
-    if "pipeline" in times and "hand" in times:
-        names = set(times["pipeline"]) | set(times["hand"])
-        diff = sorted(names, key=lambda n: times["hand"][n] - times["pipeline"][n])
-        print("kernels with the most more time per step in pipeline than in hand:")
-        for name in diff[:12]:
-            extra = (times["pipeline"][name] - times["hand"][name]) / steps / 1e3
-            calls = (kernels["pipeline"][name] - kernels["hand"][name]) / steps
-            print(f"  {extra:+.3f} ms  {calls:+.0f} calls  {name[:100]}")
-        print("  and the most less:")
-        for name in diff[-4:]:
-            extra = (times["pipeline"][name] - times["hand"][name]) / steps / 1e3
-            calls = (kernels["pipeline"][name] - kernels["hand"][name]) / steps
-            print(f"  {extra:+.3f} ms  {calls:+.0f} calls  {name[:100]}")
+        path = os.path.join(folder or tempfile.mkdtemp(), f"trace_{key.replace('/', '_')}.json")
+        prof.export_chrome_trace(path)
+        if folder:
+            with open(path, "rb") as raw, gzip.open(path + ".gz", "wb") as packed:
+                shutil.copyfileobj(raw, packed)
+        intervals, calls, spent = gpu_intervals(path)
+        os.remove(path)
+        edge = intervals[0][0] if intervals else 0.0
+        busy = [[0.0] * len(PHASES) for _ in range(steps)]
+        idle = [[0.0] * len(PHASES) for _ in range(steps)]
+        for step, clock in enumerate(clocks):
+            for phase, length in enumerate(clock.phases()[0]):
+                used = busy_between(intervals, edge, edge + length * 1e3) / 1e3
+                busy[step][phase], idle[step][phase] = used, length - used
+                edge += length * 1e3
+        report[key] = {"kernels_per_step": sum(calls.values()) / steps,
+                       "kernel_ms_per_step": sum(spent.values()) / steps / 1e3,
+                       "busy_ms": busy, "idle_ms": idle, "calls": dict(calls),
+                       "spent_us": dict(spent)}
+        print(f"profile {key}: {sum(calls.values()) / steps:.0f} kernels/step, "
+              f"{sum(spent.values()) / steps / 1e3:.3f} ms of kernel time/step; GPU idle "
+              f"per step {' '.join(f'{sum(s):.2f}' for s in idle)} ms")
+        print("    median busy/idle ms per phase: " + ", ".join(
+            f"{phase} {statistics.median(s[i] for s in busy):.3f}/"
+            f"{statistics.median(s[i] for s in idle):.3f}" for i, phase in enumerate(PHASES)))
+    for mode in ("eager", "compiled"):
+        hand, pipe = report.get(f"{mode}/hand"), report.get(f"{mode}/pipeline")
+        if hand is None or pipe is None:
+            continue
+        names = set(hand["spent_us"]) | set(pipe["spent_us"])
+
+        def extra(name: str, pipe: dict = pipe, hand: dict = hand) -> float:
+            return pipe["spent_us"].get(name, 0.0) - hand["spent_us"].get(name, 0.0)
+
+        ordered = sorted(names, key=extra)
+        print(f"{mode}: kernels with the most more time per step in pipeline than in hand:")
+        for name in [*ordered[::-1][:10], *ordered[:3]]:
+            calls = pipe["calls"].get(name, 0) - hand["calls"].get(name, 0)
+            print(f"  {extra(name) / steps / 1e3:+.3f} ms  {calls / steps:+.0f} calls  {name[:90]}")
+    return report
 
 
 def main() -> None:
@@ -385,7 +447,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=["plain", "hand", "pipeline"])
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="one more round of hand and pipeline under torch.profiler, per mode")
+    parser.add_argument("--trace-dir", help="write the profiled rounds' traces here (gzip)")
     parser.add_argument("--check", action="store_true",
                         help="first check that hand and pipeline train alike")
     parser.add_argument("--json", help="write every step's phase times here")
@@ -469,12 +533,20 @@ def main() -> None:
         print(f"torch.compile: {counters['stats']['unique_graphs']} graphs, "
               f"{sum(counters['graph_break'].values())} graph breaks, "
               f"{sum(counters['recompiles'].values())} recompiles")
-    if args.profile and device.type == "cuda":
-        profile([variants["eager", n] for n in args.variants], batches)
+    print("median GPU ms per step by its position in the round (the queue is empty at 1):")
+    for key, times in gpu.items():
+        steps_gpu = [sum(p) for p in times]
+        medians = [statistics.median(steps_gpu[i::args.steps]) for i in range(args.steps)]
+        print(f"  {key[0]:9}{key[1]:10}" + " ".join(f"{m:7.2f}" for m in medians))
+    profiled = {}
+    if args.profile:
+        profiled = profile([v for (_, name), v in variants.items() if name != "plain"],
+                           batches, args.steps, args.trace_dir)
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"args": vars(args), "torch": torch.__version__, "results": results,
-                       "host_phases": {f"{m}/{n}": v for (m, n), v in host.items()}}, out)
+                       "host_phases": {f"{m}/{n}": v for (m, n), v in host.items()},
+                       "profile": profiled}, out)
 
 
 if __name__ == "__main__":
