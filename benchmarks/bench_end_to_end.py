@@ -137,6 +137,10 @@ class Clock:
         return gpu, host
 
 
+def fused_adamw(model: nn.Module, lr: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, fused=True)
+
+
 def group_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     attention, rest = [], []
     for name, param in model.named_parameters():
@@ -144,50 +148,21 @@ def group_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
     return attention, rest
 
 
-class Variant:
-    """One way of training: its optimizer, its technique state and its step."""
+class HandTechniques:
+    """The config's techniques written inline, as one would without the library.
 
-    def __init__(self, name: str, model: nn.Module, forward: nn.Module, device: torch.device,
-                 total_steps: int, lr: float) -> None:
-        self.name, self.model, self.forward, self.device = name, model, forward, device
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1,
-                                           fused=True)
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                                       enabled=device.type == "cuda")
-        self.pipe = None
-        if name == "pipeline":
-            self.pipe = steadytrain.Pipeline.from_config(CONFIG).setup(
-                model, self.optimizer, total_steps=total_steps)
-        if name == "hand":
-            self._setup_hand()
+    The guard's finiteness check shares the two clipping groups' norms; the spike rule,
+    re-baselining and skip counters stay on the device and are read every 10 steps
+    without waiting; the skip flag goes to the fused AdamW as ``found_inf``; the EMA is
+    the skip-masked update with the plugin's per-tensor weight. The host calls
+    :meth:`after_backward` with the step's task loss, :meth:`step` instead of
+    ``optimizer.step()``, then :meth:`consolidate`.
+    """
 
-    # -- the README's loop --------------------------------------------------------
-
-    def pipeline_step(self, x: torch.Tensor, y: torch.Tensor, clock: Clock) -> None:
-        pipe, optimizer = self.pipe, self.optimizer
-        clock.mark()
-        pipe.before_step(batch=x, targets=y)
-        with self.autocast:
-            logits = self.forward(x)
-        loss = pipe.compute_loss(F.cross_entropy(logits.flatten(0, 1), y.flatten()),
-                                 outputs={"logits": logits})
-        clock.mark()
-        loss.backward()
-        clock.mark()
-        outcome = pipe.after_backward()
-        clock.mark()
-        steadytrain.step_optimizer(optimizer, outcome)
-        clock.mark()
-        pipe.consolidate()
-        optimizer.zero_grad()
-        clock.mark()
-
-    # -- the same techniques by hand ----------------------------------------------
-
-    def _setup_hand(self) -> None:
-        device = self.device
-        self.attention, self.rest = group_params(self.model)
-        self.params = [p for p in self.model.parameters()]
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.device = device
+        self.attention, self.rest = group_params(model)
+        self.params = list(model.parameters())
         self.window = 10
         self.history = torch.zeros(self.window, device=device)
         self.positions = torch.arange(self.window, device=device)
@@ -205,31 +180,10 @@ class Variant:
         self.ema_weight = torch.zeros((), device=device)
         self.ema_weights = [self.ema_weight.expand_as(s) for s in self.shadow]
 
-    def hand_step(self, x: torch.Tensor, y: torch.Tensor, clock: Clock) -> None:
-        optimizer = self.optimizer
-        clock.mark()
-        with self.autocast:
-            logits = self.forward(x)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), label_smoothing=SMOOTHING)
-        clock.mark()
-        loss.backward()
-        clock.mark()
-        skip = self._guard_and_clip(loss.detach().float())
-        clock.mark()
-        if optimizer.state:  # a fresh fused AdamW ignores found_inf on its first step
-            optimizer.found_inf = skip.float()
-            optimizer.step()
-            del optimizer.found_inf
-        else:
-            optimizer.step()
-        clock.mark()
-        self._ema(skip)
-        self._read_counters()
-        optimizer.zero_grad()
-        clock.mark()
-
     @torch.no_grad()
-    def _guard_and_clip(self, loss: torch.Tensor) -> torch.Tensor:
+    def after_backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """Clip both groups, judge the step; the skip flag (a device tensor)."""
+        loss = loss.detach().float()
         groups = ((self.attention, ATTENTION_MAX_NORM), (self.rest, REST_MAX_NORM))
         norms = torch.stack([
             torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
@@ -254,6 +208,25 @@ class Variant:
         self.run_length.add_(1).mul_(skip.to(torch.int64))
         torch.maximum(self.longest, self.run_length, out=self.longest)
         return skip
+
+    @staticmethod
+    def hand_over(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> bool:
+        """Give the fused AdamW the flag as ``found_inf`` for its next step; whether it was
+        given (remove it after the step). A fresh fused AdamW ignores it on its first step."""
+        if not optimizer.state:
+            return False
+        optimizer.found_inf = skip.float()
+        return True
+
+    def step(self, optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+        handed = self.hand_over(optimizer, skip)
+        optimizer.step()
+        if handed:
+            del optimizer.found_inf
+
+    def consolidate(self, skip: torch.Tensor) -> None:
+        self._ema(skip)
+        self._read_counters()
 
     @torch.no_grad()
     def _ema(self, skip: torch.Tensor) -> None:
@@ -280,6 +253,63 @@ class Variant:
             if self.device.type == "cuda":
                 self.read_event = torch.cuda.Event()
                 self.read_event.record()
+
+
+class Variant:
+    """One way of training: its optimizer, its technique state and its step."""
+
+    def __init__(self, name: str, model: nn.Module, forward: nn.Module, device: torch.device,
+                 total_steps: int, lr: float) -> None:
+        self.name, self.model, self.forward, self.device = name, model, forward, device
+        self.optimizer = fused_adamw(model, lr)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                                       enabled=device.type == "cuda")
+        self.pipe = None
+        if name == "pipeline":
+            self.pipe = steadytrain.Pipeline.from_config(CONFIG).setup(
+                model, self.optimizer, total_steps=total_steps)
+        if name == "hand":
+            self.hand = HandTechniques(model, device)
+
+    # -- the README's loop --------------------------------------------------------
+
+    def pipeline_step(self, x: torch.Tensor, y: torch.Tensor, clock: Clock) -> None:
+        pipe, optimizer = self.pipe, self.optimizer
+        clock.mark()
+        pipe.before_step(batch=x, targets=y)
+        with self.autocast:
+            logits = self.forward(x)
+        loss = pipe.compute_loss(F.cross_entropy(logits.flatten(0, 1), y.flatten()),
+                                 outputs={"logits": logits})
+        clock.mark()
+        loss.backward()
+        clock.mark()
+        outcome = pipe.after_backward()
+        clock.mark()
+        steadytrain.step_optimizer(optimizer, outcome)
+        clock.mark()
+        pipe.consolidate()
+        optimizer.zero_grad()
+        clock.mark()
+
+    # -- the same techniques by hand ----------------------------------------------
+
+    def hand_step(self, x: torch.Tensor, y: torch.Tensor, clock: Clock) -> None:
+        optimizer, hand = self.optimizer, self.hand
+        clock.mark()
+        with self.autocast:
+            logits = self.forward(x)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), label_smoothing=SMOOTHING)
+        clock.mark()
+        loss.backward()
+        clock.mark()
+        skip = hand.after_backward(loss)
+        clock.mark()
+        hand.step(optimizer, skip)
+        clock.mark()
+        hand.consolidate(skip)
+        optimizer.zero_grad()
+        clock.mark()
 
     # -- no techniques ------------------------------------------------------------
 
@@ -315,7 +345,7 @@ def check_equivalence(args: argparse.Namespace, device: torch.device, batches: l
         variant = Variant(name, model, model, device, steps + 1, args.lr)
         for i in range(steps):
             variant.step(*batches[i % len(batches)], Clock(device))
-        shadow = variant.shadow if name == "hand" else variant.pipe.plugins["ema"].shadow
+        shadow = variant.hand.shadow if name == "hand" else variant.pipe.plugins["ema"].shadow
         trained[name] = [p.detach() for p in model.parameters()] + list(shadow)
     return max(((a - b).norm() / b.norm()).item()
                for a, b in zip(trained["hand"], trained["pipeline"], strict=True))
