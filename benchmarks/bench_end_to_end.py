@@ -462,7 +462,7 @@ def profile(variants: list[Variant], batches: list, steps: int, folder: str | No
     return report
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch", type=int, default=16)
@@ -483,7 +483,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true",
                         help="first check that hand and pipeline train alike")
     parser.add_argument("--json", help="write every step's phase times here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     torch.manual_seed(0)
