@@ -100,7 +100,8 @@ Caveats
       overflows float32 (elements around 1e19) counts as non-finite too.
     * Under ``torch.distributed`` each rank checks the gradients it holds (under FSDP2,
       through the norms of the whole sharded gradients, which every rank shares); the
-      core all-reduces the decision, so every rank skips the same steps.
+      core all-reduces the decision, so every rank skips the same steps. The spike rule
+      judges ``ctx.step_loss``, which the core makes the global batch's loss.
 """
 
 from __future__ import annotations
