@@ -21,6 +21,10 @@ train one shared model, each with its own optimizer:
   (``on_pre_optimizer_step``, ``on_optimizer_step``) and the label-smoothed cross-entropy
   in the model's loss. Both hand the skip flag to the fused AdamW as ``found_inf``.
 
+For transformers both variants pass ``logging_nan_inf_filter=False`` unless
+``--logging-nan-inf-filter true``: the Trainer's default filter reads every step's loss
+on the host (``torch.isnan``, ``torch.isinf``), two syncs per step in either variant.
+
 The variants alternate: every round trains ``--steps`` steps of each (a fresh
 ``Trainer.fit`` or ``Trainer.train`` per round, which keeps the optimizer; the Lightning
 callbacks keep their state across fits; a ``SteadytrainTrainer`` needs a pipeline of its
@@ -45,6 +49,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from datetime import date
 from typing import Any
@@ -52,7 +57,7 @@ from typing import Any
 import structlog
 import torch
 import torch.nn.functional as F
-from bench_end_to_end import CONFIG, GPT, SMOOTHING, HandTechniques, fused_adamw
+from bench_end_to_end import CONFIG, GPT, SMOOTHING, HandTechniques, fused_adamw, sync_sites
 from torch import nn
 
 import steadytrain
@@ -305,7 +310,8 @@ def transformers_runner(args: argparse.Namespace, device: torch.device) -> Calla
             max_grad_norm=0.0, lr_scheduler_type="constant", bf16=cuda, use_cpu=not cuda,
             logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
             dataloader_pin_memory=False, dataloader_num_workers=0,
-            train_sampling_strategy="sequential")
+            train_sampling_strategy="sequential",
+            logging_nan_inf_filter=args.logging_nan_inf_filter == "true")
 
     def train(name: str, gpt: nn.Module, batches: list, clock: StepClock) -> dict:
         key = (name, id(gpt))
@@ -350,8 +356,8 @@ def check(args: argparse.Namespace, device: torch.device, train: Callable, batch
 
 
 def count_syncs(device: torch.device, train: Callable, name: str, gpt: nn.Module,
-                batches: list) -> float:
-    """Host syncs per step from the second step of a round to its end."""
+                batches: list) -> tuple[float, Counter]:
+    """Host syncs per step from the second step of a round to its end, and where."""
     clock = StepClock(device, len(batches), count_syncs=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -359,7 +365,8 @@ def count_syncs(device: torch.device, train: Callable, name: str, gpt: nn.Module
             train(name, gpt, batches, clock)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught) / (len(batches) - 1)
+    sites = sync_sites(caught)
+    return sum(sites.values()) / (len(batches) - 1), sites
 
 
 def main(argv: list[str] | None = None, *, quiet_logs: bool = True) -> None:
@@ -377,6 +384,9 @@ def main(argv: list[str] | None = None, *, quiet_logs: bool = True) -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps per variant per round")
     parser.add_argument("--check", action="store_true",
                         help="first check that hand and adapter train alike")
+    parser.add_argument("--logging-nan-inf-filter", choices=("true", "false"), default="false",
+                        help="transformers: the TrainingArguments option (true by default "
+                             "there; it reads the loss on the host twice per step)")
     parser.add_argument("--json", help="write every step's times here")
     args = parser.parse_args(argv)
     if args.steps < 2:
@@ -414,8 +424,10 @@ def main(argv: list[str] | None = None, *, quiet_logs: bool = True) -> None:
                 gpu[name] += g
                 host[name] += h
         print(f"round {round_index} done", flush=True)
-    syncs = {name: (count_syncs(device, train, name, gpt, batches)
-                    if device.type == "cuda" else float("nan")) for name in VARIANTS}
+    syncs, sites = dict.fromkeys(VARIANTS, float("nan")), {name: Counter() for name in VARIANTS}
+    if device.type == "cuda":
+        for name in VARIANTS:
+            syncs[name], sites[name] = count_syncs(device, train, name, gpt, batches)
 
     hand = statistics.median(gpu["hand"])
     print(f"\n{args.trainer}: median ms per optimizer step over {args.rounds}×{args.steps} "
@@ -426,10 +438,15 @@ def main(argv: list[str] | None = None, *, quiet_logs: bool = True) -> None:
         step = statistics.median(gpu[name])
         positions = [statistics.median(gpu[name][i::args.steps]) for i in range(args.steps)]
         results[name] = {"step_ms": step, "ratio": step / hand, "syncs": syncs[name],
+                         "sync_sites": dict(sites[name]),
                          "host_ms": statistics.median(host[name]), "steps_gpu_ms": gpu[name],
                          "steps_host_ms": host[name], "by_position_ms": positions}
         print(f"{name:10}{step:9.3f}{step / hand:8.4f}{results[name]['host_ms']:9.3f}"
               f"{syncs[name]:7.2f}   " + " ".join(f"{p:.2f}" for p in positions))
+    for name, where in sites.items():
+        if where:
+            print(f"syncs of {name}: " + ", ".join(f"{n} at {site}"
+                                                 for site, n in where.most_common()))
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"args": vars(args), "torch": torch.__version__, "results": results}, out)

@@ -351,10 +351,16 @@ def check_equivalence(args: argparse.Namespace, device: torch.device, batches: l
                for a, b in zip(trained["hand"], trained["pipeline"], strict=True))
 
 
-def count_syncs(variant: Variant, batches: list, steps: int) -> float:
-    """Host syncs per step that the CUDA sync debug mode reports."""
+def sync_sites(caught: list[warnings.WarningMessage]) -> Counter:
+    """The ``file:line`` of each synchronizing call among warnings that
+    ``torch.cuda.set_sync_debug_mode("warn")`` raised."""
+    return Counter(f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught
+                   if "synchroniz" in str(w.message))
+
+
+def count_syncs(variant: Variant, batches: list, steps: int) -> tuple[float, Counter]:
+    """Host syncs per step that the CUDA sync debug mode reports, and where they were."""
     torch.cuda.synchronize()
-    caught_total = 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -363,9 +369,9 @@ def count_syncs(variant: Variant, batches: list, steps: int) -> float:
                 variant.step(*batches[i % len(batches)], Clock(variant.device))
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        caught_total = sum("synchroniz" in str(w.message) for w in caught)
     variant.end_of_round()
-    return caught_total / steps
+    sites = sync_sites(caught)
+    return sum(sites.values()) / steps, sites
 
 
 def gpu_intervals(trace_path: str) -> tuple[list[tuple[float, float]], Counter, Counter]:
@@ -518,7 +524,10 @@ def main(argv: list[str] | None = None) -> None:
     gpu: dict[tuple[str, str], list[list[float]]] = defaultdict(list)
     host: dict[tuple[str, str], list[list[float]]] = defaultdict(list)
     for round_index in range(args.rounds):
-        for key, variant in variants.items():
+        # Every other round in reverse order: no variant always follows the same one, at
+        # the same point of a round (the GPU's clocks follow the load of the last seconds).
+        order = list(variants.items())
+        for key, variant in order if round_index % 2 == 0 else order[::-1]:
             clocks = []
             for i in range(args.steps):
                 clock = Clock(device)
@@ -534,10 +543,10 @@ def main(argv: list[str] | None = None) -> None:
             if metrics and not math.isfinite(metrics["loss/task"]):
                 raise RuntimeError(f"{key}: the loss is not finite: {metrics}")
 
-    syncs = {}
+    syncs, sites = {}, {}
     if device.type == "cuda":
         for key, variant in variants.items():
-            syncs[key] = count_syncs(variant, batches, 10)
+            syncs[key], sites[key] = count_syncs(variant, batches, 10)
 
     print(f"\nmedian ms per step over {args.rounds}×{args.steps} steps; GPU time per phase "
           "(CUDA events), host time per step")
@@ -555,6 +564,7 @@ def main(argv: list[str] | None = None) -> None:
         sync = syncs.get((mode, name), float("nan"))
         results[f"{mode}/{name}"] = {
             "step_ms": step, "ratio": step / hand, "host_ms": host_step, "syncs": sync,
+            "sync_sites": dict(sites.get((mode, name), {})),
             "phases_ms": dict(zip(PHASES, phases, strict=True)), "steps_gpu_ms": steps_gpu}
         print(f"{mode:9}{name:10}{step:9.3f}{step / hand:8.4f}{host_step:9.3f}"
               + "".join(f"{v:13.3f}" for v in phases) + f"{sync:7.2f}")
@@ -563,6 +573,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"torch.compile: {counters['stats']['unique_graphs']} graphs, "
               f"{sum(counters['graph_break'].values())} graph breaks, "
               f"{sum(counters['recompiles'].values())} recompiles")
+    for (mode, name), where in sites.items():
+        if where:
+            print(f"syncs of {mode} {name}: " + ", ".join(f"{n} at {site}"
+                                                      for site, n in where.most_common()))
     print("median GPU ms per step by its position in the round (the queue is empty at 1):")
     for key, times in gpu.items():
         steps_gpu = [sum(p) for p in times]
