@@ -11,6 +11,7 @@ import steadytrain
 from steadytrain import Pipeline, hookimpl
 from steadytrain.grad_norms import tensor_norms, total_norm
 from steadytrain.plugins.grad_clip import GradClip
+from steadytrain.trace import TRACE_ENV
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 GUIDE = DOCS / "plugin-authors.md"
@@ -179,6 +180,40 @@ def test_a_plugin_that_changes_gradients_and_says_so_is_followed_by_fresh_norms(
     for got, want in zip(norms, norms_of(doubled), strict=True):
         torch.testing.assert_close(got, want)
     torch.testing.assert_close(total, torch.nn.utils.get_total_norm(doubled))
+
+
+class Halver(steadytrain.Plugin):
+    """A rescaler whose hook takes no argument: halves every gradient of the model."""
+
+    name = "halver"
+    uses_filter = False
+    rescales_gradients = True
+
+    @hookimpl
+    def setup(self, run):
+        self.params = [p for _, p in run.named_parameters()]
+
+    @hookimpl
+    def after_backward(self):
+        torch._foreach_mul_([p.grad for p in self.params], 0.5)
+
+
+@pytest.mark.parametrize("tracing", [False, True])
+def test_the_norms_are_taken_afresh_after_a_rescaler_also_when_hooks_are_traced(
+        monkeypatch, tracing):
+    if tracing:
+        monkeypatch.setenv(TRACE_ENV, "1")
+    else:
+        monkeypatch.delenv(TRACE_ENV, raising=False)
+    model = net()
+    before, after = Probe(id="before"), Probe(id="after")
+    pipe = Pipeline([before, Halver(), after]).setup(model, None)
+    raw = backward(model, pipe)
+    pipe.after_backward()
+    pipe.consolidate()
+    ((_, raw_total),), ((_, halved_total),) = before.seen, after.seen
+    torch.testing.assert_close(raw_total, torch.nn.utils.get_total_norm(raw))
+    torch.testing.assert_close(halved_total, torch.nn.utils.get_total_norm(raw) / 2)
 
 
 def test_parameters_without_a_gradient_are_left_out_in_order():
