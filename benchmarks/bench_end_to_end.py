@@ -21,14 +21,18 @@ attention parameters at 0.5, the rest at 1.0) and an EMA of the weights (decay 0
 * ``plain``: none of the techniques (cross-entropy, fused AdamW), for scale.
 
 Each variant has its own optimizer; all share one model (so ``torch.compile`` compiles it
-once), and they run interleaved: every round runs ``--steps`` steps of each variant in
-turn, eager and with the model compiled. Every phase of every step is bracketed by CUDA
-events (the host never waits inside a round, so an event pair times the GPU work of its
-phase) and by host clocks. The table gives medians over all measured steps; the ratio is
-against ``hand`` in the same mode. Host syncs per step are counted with
-``torch.cuda.set_sync_debug_mode("warn")`` over steps after warm-up. ``--profile`` runs
-three eager steps of each variant under ``torch.profiler`` and prints kernels per step and
-the kernels whose time differs most between ``pipeline`` and ``hand``.
+once; it compiles the model only, and every variant takes its loss eagerly on the logits),
+and they run interleaved: every round runs ``--steps`` steps of each variant in turn,
+eager and with the model compiled, every other round in reverse order. Every phase of
+every step is bracketed by CUDA events (the host never waits inside a round, so an event
+pair times the GPU work of its phase) and by host clocks. The table gives medians over all
+measured steps; the ratio is against ``hand`` in the same mode. Host syncs per step are
+counted with ``torch.cuda.set_sync_debug_mode("warn")`` over steps after warm-up, each
+with its file and line. ``--profile`` runs one more round of ``hand`` and ``pipeline`` in
+each mode under ``torch.profiler`` and prints kernels and kernel time per step, how much
+of each phase's GPU time was kernels and how much the GPU waited for the host, and the
+kernels whose time differs most between ``pipeline`` and ``hand`` (``--trace-dir`` keeps
+the traces).
 """
 
 from __future__ import annotations
