@@ -2,7 +2,7 @@
 
 A run config is a pipeline config (``[[plugins]]``, ``[[param_groups]]``, ``disable``,
 ``autoload``, ``finite_check``: the core's :class:`~steadytrain.RunConfig`) with three
-more tables::
+more tables (and ``[teacher]`` for a model that learns from one, :class:`TeacherSettings`)::
 
     [model]
     name = "gpt"               # a built-in model, or "package.module:callable"
@@ -52,7 +52,7 @@ from ..errors import ConfigError, OptionError, suggest
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "constant")
 DEVICES = ("cpu", "cuda")
-TABLES = ("model", "data", "train")
+TABLES = ("model", "data", "train", "teacher")
 
 
 def _fraction_below_one(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
@@ -106,6 +106,21 @@ class TrainSettings:
 
 
 @attrs.frozen
+class TeacherSettings:
+    """The ``[teacher]`` table of a distillation run (model ``gpt_student``).
+
+    ``checkpoint`` is the teacher: the ``checkpoint.pt`` of a finished ``steadytrain run``
+    of the ``gpt`` model, or its run directory; a relative path is taken from the config
+    file's folder. ``task_weight`` weighs the next-byte cross-entropy in the student's
+    objective: at 0 (the default) the student learns from the teacher only, through the
+    pipeline's distillation terms.
+    """
+
+    checkpoint: str = attrs.field(validator=validators.non_empty_str)
+    task_weight: float = attrs.field(default=0.0, validator=validators.non_negative)
+
+
+@attrs.frozen
 class ModelSettings:
     """A model by name (built-in, or ``module:callable``) and its options."""
 
@@ -126,6 +141,7 @@ class ExperimentConfig:
     train: TrainSettings = TrainSettings()
     pipeline: RunConfig = RunConfig()
     origin: Path | None = attrs.field(default=None, eq=False)
+    teacher: TeacherSettings | None = None
 
     def with_overrides(self, **train: Any) -> ExperimentConfig:
         """This config with some training settings replaced (``lr``, ``seed``, ``steps``)."""
@@ -155,6 +171,8 @@ class ExperimentConfig:
             "train": converter.unstructure(self.train),
             **unstructure_config(self.pipeline),
         }
+        if self.teacher is not None:
+            plain["teacher"] = converter.unstructure(self.teacher)
         return json.loads(json.dumps(plain))  # tuples become lists, as in a saved copy
 
 
@@ -214,13 +232,16 @@ def structure_experiment(
             errors += str(exc).splitlines()
     data = _structure(_table(raw, "data", errors), DataSettings, "data", errors)
     train = _structure(_table(raw, "train", errors), TrainSettings, "train", errors)
+    teacher = (_structure(_table(raw, "teacher", errors), TeacherSettings, "teacher", errors)
+               if "teacher" in raw else None)
     try:
         pipeline = structure_config({k: v for k, v in raw.items() if k in RUN_KEYS})
     except ConfigError as exc:
         errors += str(exc).splitlines()
     if errors:
         raise ConfigError("\n".join(errors))
-    return ExperimentConfig(ModelSettings(name, options), data, train, pipeline, origin)
+    return ExperimentConfig(ModelSettings(name, options), data, train, pipeline, origin,
+                            teacher)
 
 
 def load_experiment(
