@@ -5,7 +5,9 @@ of block ``block`` is replaced by a narrow one, ``width → rank → width`` (GE
 ``width → mlp_ratio·width → width``: a modified model that should behave like the
 original, as seed 002's student replaces the attention-output paths of its teacher.
 Everything else has the teacher's shapes, and the run starts it from the teacher's
-weights (:func:`copy_matching`); the new MLP starts from the GPT-2 initialisation.
+weights (:func:`copy_matching`: every tensor of the same name and shape, the new MLP's
+output bias included); the new MLP's two weights and its first bias start from the GPT-2
+initialisation.
 """
 
 from __future__ import annotations
