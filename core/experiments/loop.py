@@ -77,11 +77,13 @@ def build_optimizer(model: torch.nn.Module, config: ExperimentConfig) -> torch.o
 
 def add_pipeline_parameters(optimizer: torch.optim.Optimizer, pipe: Pipeline,
                             train: TrainSettings) -> None:
-    """The pipeline's own parameters (learnt layer weights, ...) as one more group, without
-    weight decay; they exist once the pipeline is set up."""
+    """The pipeline's own parameters (learnt layer weights, ...) as one more group at
+    ``train.pipeline_lr`` (or ``train.lr``), without weight decay; they exist once the
+    pipeline is set up."""
     params = list(pipe.parameters())
     if params:
-        optimizer.add_param_group({"params": params, "lr": train.lr, "base_lr": train.lr,
+        lr = train.lr if train.pipeline_lr is None else train.pipeline_lr
+        optimizer.add_param_group({"params": params, "lr": lr, "base_lr": lr,
                                    "weight_decay": 0.0, "name": "pipeline"})
 
 

@@ -91,6 +91,9 @@ class TrainSettings:
     log_every: int = attrs.field(default=10, validator=validators.positive_int)
     checkpoint_every: int = attrs.field(default=100, validator=validators.positive_int)
     device: str = attrs.field(default="cpu", validator=validators.one_of(*DEVICES))
+    #: The peak learning rate of the pipeline's own parameters (``None``: ``lr``).
+    pipeline_lr: float | None = attrs.field(
+        default=None, validator=validators.optional(validators.positive))
 
     def __attrs_post_init__(self) -> None:
         if self.checkpoint_every % self.log_every:
@@ -168,12 +171,20 @@ class ExperimentConfig:
         plain = {
             "model": {"name": self.model.name, **_plain(self.model.options)},
             "data": converter.unstructure(self.data),
-            "train": converter.unstructure(self.train),
+            "train": _plain_train(self.train),
             **unstructure_config(self.pipeline),
         }
         if self.teacher is not None:
             plain["teacher"] = converter.unstructure(self.teacher)
         return json.loads(json.dumps(plain))  # tuples become lists, as in a saved copy
+
+
+def _plain_train(train: TrainSettings) -> dict[str, Any]:
+    plain = converter.unstructure(train)
+    if plain["pipeline_lr"] is None:
+        # Left out when unset, so that runs saved before the key existed still match.
+        del plain["pipeline_lr"]
+    return plain
 
 
 def _plain(options: Any) -> dict[str, Any]:

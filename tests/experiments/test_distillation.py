@@ -238,7 +238,8 @@ def test_task_weight_weighs_the_cross_entropy_in_the_objective(teacher_run, tmp_
 
 def test_a_distillation_run_records_layers_ratio_and_learnt_weights(teacher_run, tmp_path):
     plugin = {**ALIGN, "weighting": "uncertainty", "layers": ["0", "1"]}
-    config = write(tmp_path / "student.json", student(teacher_run, plugins=[plugin]))
+    config = write(tmp_path / "student.json",
+                   student(teacher_run, plugins=[plugin], pipeline_lr=0.05))
     done = steadytrain_command("run", config, "--out", "run", "--quiet", "--threads", "1",
                                cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -253,6 +254,15 @@ def test_a_distillation_run_records_layers_ratio_and_learnt_weights(teacher_run,
     # the learnt weights are in the optimizer: they moved from exp(-0) = 1
     assert weights[-1] != 1.0
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert saved["optimizer"]["param_groups"][-1]["weight_decay"] == 0.0
-    assert len(saved["optimizer"]["param_groups"][-1]["params"]) == 1
+    group = saved["optimizer"]["param_groups"][-1]
+    assert (group["name"], group["weight_decay"], group["base_lr"]) == ("pipeline", 0.0, 0.05)
+    assert len(group["params"]) == 1
+    assert saved["optimizer"]["param_groups"][0]["base_lr"] == 0.01
     assert all(line["pipeline"]["loss/task"] == 0.0 for line in lines)
+
+
+def test_pipeline_lr_is_left_out_of_the_run_identity_when_unset():
+    assert "pipeline_lr" not in experiment(tiny()).to_dict()["train"]
+    assert experiment(tiny(pipeline_lr=0.1)).to_dict()["train"]["pipeline_lr"] == 0.1
+    with pytest.raises(steadytrain.ConfigError, match=r"train\.pipeline_lr: must be a positive"):
+        experiment(tiny(pipeline_lr=0))
