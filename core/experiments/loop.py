@@ -424,9 +424,9 @@ def summarize(config: ExperimentConfig, task: Task, model: torch.nn.Module, pipe
     ``final_loss`` is the validation loss of the weights the pipeline evaluates with
     (inside ``pipe.evaluating()``: the average where a plugin keeps one), and
     ``val_loss_raw`` that of the raw weights; ``final_metrics`` are the pipeline's metrics
-    of the last log interval. The oscillation ratio is taken over the
-    last fifth of the run (at least 10 steps), and its noise floor from the final raw
-    weights, frozen, on the batches of those same steps.
+    of the last log interval. The oscillation ratio is taken over the last fifth of the
+    run (at least 10 steps), and its noise floor from the final raw weights, frozen, on
+    the batches of those same steps.
     """
     lines = read_metrics(out / METRICS)
     losses = series(lines, "loss")
