@@ -18,9 +18,13 @@ Implement a hook by naming a method after it and marking it with
 Rules that hold for every hook:
 
 * The core is gradient-free. No hook may call ``backward()``, step or zero an optimizer:
-  the host owns the training loop. A hook that must keep a graph for a double backward
-  declares ``needs_create_graph = True`` on its plugin class and the host asks the
-  pipeline (:attr:`steadytrain.Pipeline.needs_create_graph`) before calling backward.
+  the host owns the training loop. A plugin whose terms need the parameter gradients
+  themselves to be differentiable (the host's ``backward(create_graph=True)``) declares
+  ``needs_create_graph = True`` on its class, and the host asks the pipeline
+  (:attr:`steadytrain.Pipeline.needs_create_graph`) before calling backward. A term that
+  takes its own gradient inside the step (``torch.autograd.grad(..., create_graph=True)``,
+  as ``gradient_penalty`` does) needs no such flag: the ordinary backward differentiates
+  through it.
 * Arguments never have defaults in an implementation: pluggy does not pass arguments
   that have defaults, so ``def before_step(self, ctx=None)`` would always see ``None``;
   such an implementation is refused when the plugin is registered, and so is a method

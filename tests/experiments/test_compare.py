@@ -77,8 +77,8 @@ def test_compare_runs_every_config_lr_and_seed_and_writes_the_table_and_plot(tmp
     assert code == 0, err
     assert (cmp / "results.md").read_text() == table
     # ... and refuses options other than those the runs ended with, naming the difference.
-    write(tmp_path / "stab.json", tiny(steps=10, plugins=[{"plugin": "z_loss", "coefficient": 1e-3}],
-                                      model={"qk_layernorm": True}))
+    other = [{"plugin": "z_loss", "coefficient": 1e-3}]
+    write(tmp_path / "stab.json", tiny(steps=10, plugins=other, model={"qk_layernorm": True}))
     code, _, err = cli(*args, "--report")
     assert code == 1 and "this run ended with another config" in err
     assert "plugins" in err and "pass --report the configs and options" in err
