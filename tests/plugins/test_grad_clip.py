@@ -171,28 +171,39 @@ def test_unitwise_clipping_matches_the_formula():
     assert torch.equal(params[0].grad[0], expected[0][0])
 
 
-def same_shaped(seed):
+def same_shaped(seed, device="cpu"):
     """Tensors that AGC clips in stacks (several of each shape, scalars too) and alone (a
     shape of its own, and one above the stacking size), with rows both clipped and not."""
     gen = torch.Generator().manual_seed(seed)
     shapes = [(6, 5)] * 4 + [(3, 2, 2, 2)] * 3 + [(7,)] * 5 + [()] * 3 + [(4, 9), (1100, 1000)]
-    params = [torch.randn(shape, generator=gen) for shape in shapes]
+    params = [torch.randn(shape, generator=gen).to(device) for shape in shapes]
     for index, p in enumerate(params):
-        p.grad = torch.randn(p.shape, generator=gen) * 10.0 ** (index % 3 - 1)
+        p.grad = (torch.randn(p.shape, generator=gen) * 10.0 ** (index % 3 - 1)).to(device)
     return params
 
 
+on_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=on_cuda)])
 @pytest.mark.parametrize("stack_bytes", [None, 300], ids=["one stack a shape", "small stacks"])
-def test_unitwise_clipping_in_stacks_matches_the_formula(stack_bytes, monkeypatch):
+def test_unitwise_clipping_in_stacks_matches_the_formula(stack_bytes, device, monkeypatch):
     from steadytrain.plugins import grad_clip
 
     if stack_bytes is not None:  # stacks of a few tensors each
         monkeypatch.setattr(grad_clip, "_STACK_BYTES", stack_bytes)
-    params = same_shaped(5)
-    expected = [agc_reference(p, p.grad, 0.1, 1e-3) for p in params]
-    unitwise_clip_grad_(params, clipping=0.1, eps=1e-3)
+    params = same_shaped(5, device)
+    expected = [agc_reference(p.cpu(), p.grad.cpu(), 0.1, 1e-3) for p in params]
+    if device == "cuda":  # and never waits for the device
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        unitwise_clip_grad_(params, clipping=0.1, eps=1e-3)
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
     for p, want in zip(params, expected, strict=True):
-        torch.testing.assert_close(p.grad, want)
+        torch.testing.assert_close(p.grad.cpu(), want)
 
 
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])
