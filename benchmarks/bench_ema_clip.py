@@ -27,6 +27,7 @@ the kernels each clipping variant launches per call (torch's profiler).
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import platform
@@ -152,14 +153,23 @@ def bench_ema(model: torch.nn.Module, device: str, repeat: int) -> dict[str, flo
     results["torch._foreach_lerp_"] = timed(
         lambda: torch._foreach_lerp_(shadow, weights, 0.001), device, repeat
     )
-    results["torch._foreach_lerp_ on the parameters"] = timed(
-        lambda: torch._foreach_lerp_(shadow, params, 0.001), device, repeat
-    )
-    # The kernel of the skip-aware path alone, with a host weight and no flag.
+    # The kernel of the skip-aware path alone, with a host weight and no flag; the same
+    # without maximize (weight decay −1, learning rate −w); and the per-tensor lerp with a
+    # device weight that the skip-aware path used before.
     results["torch._fused_sgd_ as a lerp"] = timed(
         lambda: torch._fused_sgd_(shadow, weights, [], weight_decay=1.0, momentum=0.0,
                                   lr=0.001, dampening=0.0, nesterov=False, maximize=True,
                                   is_first_step=False), device, repeat
+    )
+    results["torch._fused_sgd_ as a lerp, no maximize"] = timed(
+        lambda: torch._fused_sgd_(shadow, weights, [], weight_decay=-1.0, momentum=0.0,
+                                  lr=-0.001, dampening=0.0, nesterov=False, maximize=False,
+                                  is_first_step=False), device, repeat
+    )
+    weight = torch.full((), 0.001, device=device)
+    views = [weight.expand_as(t) for t in shadow]
+    results["torch._foreach_lerp_, a device weight per tensor"] = timed(
+        lambda: torch._foreach_lerp_(shadow, weights, views), device, repeat
     )
     # What one kernel over one contiguous buffer of the same size achieves: the ceiling
     # for any update of separate tensors.
@@ -421,6 +431,7 @@ def main(argv: list[str] | None = None) -> None:
         report["runs"].append(run)
         print(json.dumps(run), flush=True)
         del model
+        gc.collect()  # the plugins and their pipelines refer to each other
         if device == "cuda":
             torch.cuda.empty_cache()
     if args.json:

@@ -248,6 +248,7 @@ def _stacked_unit_norms(stacked: torch.Tensor) -> torch.Tensor:
                                     keepdim=True)
 
 
+@torch.no_grad()
 def _unitwise_clip_(
     params: Sequence[torch.Tensor], clipping: float, eps: float
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -285,7 +286,6 @@ def _check_rows_whole(params: Sequence[torch.Tensor]) -> None:
         )
 
 
-@torch.no_grad()
 def unitwise_clip_grad_(
     parameters: Iterable[torch.Tensor], clipping: float = 0.01, eps: float = 1e-3
 ) -> None:

@@ -224,6 +224,9 @@ def test_agc_mode_reports_the_norms_before_and_after_clipping(norm_type):
             [torch.linalg.vector_norm(t.double(), norm_type) for t in tensors]), norm_type).item()
 
     clipped = [agc_reference(p, p.grad, 0.1, 1e-3) for p in params]
+    for p, want in zip(model, clipped, strict=True):  # scaled in place, outside autograd
+        torch.testing.assert_close(p.grad, want)
+        assert p.grad.grad_fn is None and not p.grad.requires_grad
     assert metrics["grad_clip/default/pre_norm"] == pytest.approx(
         total([p.grad for p in params]), rel=1e-5)
     assert metrics["grad_clip/default/post_norm"] == pytest.approx(total(clipped), rel=1e-5)
