@@ -57,9 +57,13 @@ Caveats
     Every parameter belongs to exactly one group: patterns of two groups that match the
     same parameter are a config error. Gradients of one instance must be on one device.
     Non-finite gradients make the coefficient NaN, as with ``clip_grad_norm_``: put a
-    non-finite guard before the optimizer step. ``agc`` computes the unit norms of each
-    matrix with a kernel of its own (no fused kernel reduces over a dimension), and its
-    post-clip norm costs one more fused pass over the gradients. Under gradient scaling
+    non-finite guard before the optimizer step. ``agc`` needs the unit norms of weights
+    and gradients, which no fused kernel computes over many tensors: tensors of up to 2²⁰
+    elements are stacked with the others of their shape (two norms, one scaling and a
+    copy back per stack), larger ones take two norm kernels and a scaling each. With
+    ``norm_type`` 2 its pre- and post-clip group norms come from the unit norms, without
+    a pass over the gradients; other norm types take a fused pass before and after. It
+    is slower than the other modes (see the benchmarks). Under gradient scaling
     (AMP), unscale before ``after_backward``. Sharded parameters (FSDP2's DTensors): a
     group's norm covers every rank's shard, so all ranks clip by the norm of the whole
     gradient, as one process would (one all-reduce per group); ``agc`` needs the rows of
