@@ -65,6 +65,9 @@ def test_compare_runs_every_config_lr_and_seed_and_writes_the_table_and_plot(tmp
         assert row.split("|")[3].strip() == f"{mean:.4g} ± {spread:.2g}"
         assert label in out  # the terminal table
     assert re.search(r"Runs on: \S+ \d+ cores, 1 thread\(s\), torch ", table)
+    recorded = json.loads((cmp / "stab" / "lr_0.1" / "seed_1" / "metadata.json").read_text())
+    assert recorded["config"]["train"]["lr"] == 0.1 and recorded["config"]["train"]["seed"] == 1
+    assert [p["plugin"] for p in recorded["plugins"]] == ["z_loss"]
     # The same command again is refused; with --resume the finished runs are reused.
     code, _, err = cli(*args)
     assert code == 1 and "cmp: the output directory exists" in err

@@ -3,8 +3,10 @@
 import json
 import math
 import random
+import re
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +43,13 @@ def cli(capsys, monkeypatch, tmp_path):
     return call
 
 
+def documented_run_files():
+    """The files of the run-directory table of docs/experiments.md."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "experiments.md").read_text()
+    table = text.split("## `steadytrain run CONFIG`")[1].split("\n\n")[2]
+    return sorted(re.findall(r"^\| `([\w.]+)` \|", table, flags=re.MULTILINE))
+
+
 def wait_for_lines(run, count, process, timeout=120):
     """Wait until the run has written *count* metrics lines (or stopped)."""
     deadline = time.monotonic() + timeout
@@ -71,6 +80,7 @@ def test_run_writes_metrics_a_checkpoint_a_summary_and_events(tmp_path, cli):
     assert load_checkpoint(run / "checkpoint.pt")["finished"] is True
     events = [json.loads(e)["event"] for e in (run / "events.jsonl").read_text().splitlines()]
     assert {"run.started", "pipeline.assembled", "checkpoint.saved", "run.ended"} <= set(events)
+    assert sorted(p.name for p in run.iterdir()) == documented_run_files()
     assert "run: finished after 20 steps; final validation loss" in out
     assert "run.started" in err  # events are shown unless --quiet
     code, out, err = cli("run", config, "--out", "quiet", "--quiet")
