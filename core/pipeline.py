@@ -30,7 +30,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import structlog
 import torch
 import torch.distributed as dist
 
@@ -41,10 +40,11 @@ from .context import Run, StepContext, StepOutcome, _active_step
 from .errors import ConfigError, TermError, UsageError
 from .filters import VariableFilter
 from .hook_table import HookTable, name_of
+from .logs import get_logger
 from .loss import LossComposer, check_task_loss, instance_weight
 from .registry import Registry
 
-log = structlog.get_logger("steadytrain")
+log = get_logger()
 
 
 def _world_size() -> int:

@@ -33,11 +33,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import structlog
 import torch
 
 from .._version import __version__
 from ..errors import ConfigError, SteadytrainError, TrainingError
+from ..logs import get_logger
 from ..optimizer_step import step_optimizer
 from ..param_groups import param_groups
 from ..pipeline import Pipeline
@@ -55,7 +55,7 @@ SUMMARY = "summary.json"
 EVENTS = "events.jsonl"
 SERIES = ("loss", "grad_norm", "logit_max", "attention_logit_max", "skipped")
 
-log = structlog.get_logger("steadytrain.experiments")
+log = get_logger("steadytrain.experiments")
 
 
 class RunError(SteadytrainError):

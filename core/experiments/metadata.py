@@ -19,8 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import structlog
-
+from ..logs import get_logger
 from ..pipeline import Pipeline
 from ..sinks import run_metadata
 from .checkpoint import write_json_atomic
@@ -30,7 +29,7 @@ METADATA = "metadata.json"
 #: The keys of :func:`run_metadata` that describe the software, not the config.
 VERSIONS = ("steadytrain", "python", "torch", "plugins")
 
-log = structlog.get_logger("steadytrain.experiments")
+log = get_logger("steadytrain.experiments")
 
 
 def metadata_of(config: ExperimentConfig, pipe: Pipeline, data_sha256: str) -> dict[str, Any]:
