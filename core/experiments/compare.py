@@ -161,6 +161,26 @@ def finished_summary(run: Planned) -> dict[str, Any] | None:
     return summary
 
 
+def check_report_options(runs: Sequence[Planned]) -> None:
+    """Refuse a ``--report`` whose options differ from those its runs ended with.
+
+    A run that ended with another config (another ``--device``, ``--lr-sweep`` or model
+    option) would otherwise count as missing, and the table would be empty without a word.
+    """
+    for run in runs:
+        try:
+            summary = json.loads((run.out / SUMMARY).read_text(encoding="utf-8"))
+            saved = json.loads((run.out / CONFIG).read_text(encoding="utf-8"))["config"]
+        except (OSError, ValueError, KeyError):
+            continue
+        changed = differences(saved, run.config.to_dict())
+        if summary.get("status") != "interrupted" and changed:
+            listed = "; ".join(line.replace(" in the checkpoint, ", " in the run, ")
+                               .replace(" now", " in this command") for line in changed)
+            raise RunError(f"{run.out}: this run ended with another config ({listed}); "
+                           "pass --report the configs and options the comparison ran with")
+
+
 def command(run: Planned, *, threads: int, model: str | None,
             global_flags: Sequence[str]) -> list[str]:
     """The ``steadytrain run`` command line of *run*."""
@@ -427,6 +447,7 @@ def compare(
     if report:
         if not (out / MARKER).exists():
             raise RunError(f"{out}: --report needs a comparison directory (one with {MARKER})")
+        check_report_options(runs)
         outcomes = [Outcome(r, summary=finished_summary(r)) for r in runs]
     else:
         prepare_directory(out, runs, resume=resume, overwrite=overwrite)

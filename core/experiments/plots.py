@@ -61,26 +61,27 @@ def plot_comparison(outcomes: Sequence[Outcome], by_label: Mapping[str, Mapping[
     (final_ax, attention_ax, skipped_ax), (loss_ax, grad_ax, logit_ax) = axes
     initial = [o.summary["initial_loss"] for o in outcomes if o.summary is not None]
     for index, (label, m) in enumerate(by_label.items()):
-        color = f"C{index % 10}"
+        # Ten colours, then the same colours dashed, dotted, …: every config stays distinct.
+        color, style = f"C{index % 10}", ("-", "--", ":", "-.")[index // 10 % 4]
         mine = [o for o in outcomes if o.run.label == label]
         means = [m["final_by_lr"][lr][0] for lr in lrs]
         finals = {lr: [o.summary["final_loss"] for o in mine if o.summary is not None
                        and o.run.config.train.lr == lr] for lr in lrs}
         low = [min(finals[lr], default=math.nan) for lr in lrs]
         high = [max(finals[lr], default=math.nan) for lr in lrs]
-        final_ax.plot(lrs, means, "-o", color=color, label=label)
+        final_ax.plot(lrs, means, style, marker="o", color=color, label=label)
         final_ax.fill_between(lrs, low, high, color=color, alpha=0.2)
         for ax, key in ((attention_ax, "max_attention_logit"), (skipped_ax, "skipped_steps")):
-            ax.plot(lrs, [_mean_at(mine, lr, key) for lr in lrs], "-o", color=color,
-                    label=label)
+            ax.plot(lrs, [_mean_at(mine, lr, key) for lr in lrs], style, marker="o",
+                    color=color, label=label)
         first = sorted((o for o in mine if o.run.config.train.lr == at and o.summary),
                        key=lambda o: o.run.config.train.seed)
         if first:
             series = curves(first[0])
             loss_ax.plot(series["loss"], color=color, alpha=0.25, lw=0.6)
-            loss_ax.plot(_smooth(series["loss"]), color=color, label=label)
-            grad_ax.plot(series["grad_norm"], color=color, lw=0.7, label=label)
-            logit_ax.plot(_smooth(series["logit_max"]), color=color, label=label)
+            loss_ax.plot(_smooth(series["loss"]), style, color=color, label=label)
+            grad_ax.plot(series["grad_norm"], style, color=color, lw=0.7, label=label)
+            logit_ax.plot(_smooth(series["logit_max"]), style, color=color, label=label)
     start = f" (initial {sum(initial) / len(initial):.3g})" if initial else ""
     final_ax.set(xscale="log", xlabel="learning rate", ylabel="final validation loss",
                  title=f"final loss against learning rate{start}")

@@ -75,6 +75,17 @@ def test_compare_runs_every_config_lr_and_seed_and_writes_the_table_and_plot(tmp
     code, out, _ = cli(*args, "--resume")
     assert code == 0 and (cmp / "results.md").read_text() == table
     assert stamps == {p: p.stat().st_mtime_ns for p in cmp.glob("*/lr_*/seed_*/summary.json")}
+    # --report tabulates the ended runs again without running anything ...
+    code, _, err = cli(*args, "--report")
+    assert code == 0, err
+    assert (cmp / "results.md").read_text() == table
+    # ... and refuses options other than those the runs ended with, naming the difference.
+    write(tmp_path / "stab.json", tiny(steps=10, plugins=[{"plugin": "z_loss", "coefficient": 1e-3}],
+                                      model={"qk_layernorm": True}))
+    code, _, err = cli(*args, "--report")
+    assert code == 1 and "this run ended with another config" in err
+    assert "plugins" in err and "pass --report the configs and options" in err
+    assert (cmp / "results.md").read_text() == table
 
 
 def test_ablate_adds_a_row_per_plugin_of_the_last_config(tmp_path, cli):
