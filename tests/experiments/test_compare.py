@@ -80,8 +80,8 @@ def test_compare_runs_every_config_lr_and_seed_and_writes_the_table_and_plot(tmp
     assert code == 0, err
     assert (cmp / "results.md").read_text() == table
     # ... and refuses options other than those the runs ended with, naming the difference.
-    write(tmp_path / "stab.json", tiny(steps=10, plugins=[{"plugin": "z_loss", "coefficient": 1e-3}],
-                                      model={"qk_layernorm": True}))
+    write(tmp_path / "stab.json", tiny(steps=10, model={"qk_layernorm": True},
+                                      plugins=[{"plugin": "z_loss", "coefficient": 1e-3}]))
     code, _, err = cli(*args, "--report")
     assert code == 1 and "this run ended with another config" in err
     assert "plugins" in err and "pass --report the configs and options" in err
@@ -132,6 +132,19 @@ def test_configs_that_cannot_be_compared_are_refused(tmp_path, cli):
     assert code == 1 and "differ in data" in err
     code, _, err = cli("compare", a, tmp_path / "missing.toml", "--out", "x")
     assert code == 1 and "missing.toml: no such config file" in err
+
+
+def test_resuming_with_another_config_is_refused_before_anything_runs(tmp_path, cli):
+    config = write(tmp_path / "a.json", tiny(steps=5))
+    assert cli("compare", config, "--out", "cmp", "--no-plot", "--quiet")[0] == 0
+    summary = tmp_path / "cmp" / "a" / "lr_0.01" / "seed_0" / "summary.json"
+    stamp = summary.stat().st_mtime_ns
+    write(tmp_path / "a.json", tiny(steps=5, model={"qk_layernorm": True}))
+    code, _, err = cli("compare", config, "--out", "cmp", "--no-plot", "--quiet", "--resume")
+    assert code == 1, err
+    assert "cmp/a/lr_0.01/seed_0: this run started with another config (model.qk_layernorm: " \
+        "False in the run, True in this command)" in err
+    assert "start anew in another --out" in err and summary.stat().st_mtime_ns == stamp
 
 
 def test_ctrl_c_stops_every_run_at_a_resumable_point(tmp_path, cli):

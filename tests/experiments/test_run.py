@@ -5,6 +5,9 @@ import math
 import random
 import re
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import pytest
 import torch
 from experiment_helpers import final_weights, metrics_lines, start, tiny, write
 
+from steadytrain import CheckpointError
 from steadytrain.cli import main
 from steadytrain.experiments.checkpoint import load_checkpoint, save_atomic
 
@@ -160,6 +164,64 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint_and_resume_is_exact(
     straight, ours = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
     for name in straight:
         assert torch.equal(straight[name], ours[name]), name
+
+
+#: ``python -c TORN MARKER ARGS``: ``steadytrain ARGS`` that stops inside its second
+#: checkpoint write, with half of the new checkpoint in the temporary file, touches MARKER
+#: and waits to be killed.
+TORN = textwrap.dedent("""
+    import sys
+    import time
+    from pathlib import Path
+
+    from steadytrain.cli import main
+    from steadytrain.experiments import checkpoint
+
+    write_whole, writes = checkpoint._replace, []
+
+    def torn(path, write):
+        writes.extend([path] if path.name == "checkpoint.pt" else [])
+        if path.name != "checkpoint.pt" or len(writes) < 2:
+            return write_whole(path, write)
+
+        def half(handle):
+            write(handle)
+            handle.truncate(handle.tell() // 2)
+            handle.flush()
+            Path(sys.argv[1]).touch()
+            time.sleep(600)
+
+        return write_whole(path, half)
+
+    checkpoint._replace = torn
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_and_resume_is_exact(
+        tmp_path, cli):
+    path = write(tmp_path / "run.json", tiny(steps=30, log_every=5, checkpoint_every=10))
+    assert cli("run", path, "--out", "straight", "--threads", 1, "--quiet")[0] == 0
+    marker, killed = tmp_path / "in_the_write", tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-c", TORN, marker, "run", path, "--out", killed, "--threads", "1",
+         "--quiet"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the run did not reach its second checkpoint"
+        time.sleep(0.02)
+    process.kill()
+    process.communicate()
+    assert load_checkpoint(killed / "checkpoint.pt")["step"] == 10  # the previous one, whole
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(killed / ".checkpoint.pt.tmp")  # the write it was killed in
+    assert [line["step"] for line in metrics_lines(killed)] == [5, 10, 15, 20]
+    assert cli("run", path, "--out", killed, "--resume", "--threads", 1, "--quiet")[0] == 0
+    straight, ours = final_weights(tmp_path / "straight"), final_weights(killed)
+    for name in straight:
+        assert torch.equal(straight[name], ours[name]), name
+    assert [line["step"] for line in metrics_lines(killed)] == [5, 10, 15, 20, 25, 30]
 
 
 def test_a_checkpoint_write_that_fails_midway_leaves_the_previous_one(tmp_path):
