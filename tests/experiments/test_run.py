@@ -145,6 +145,68 @@ def test_ctrl_c_leaves_a_resumable_run_that_reaches_the_same_weights(tmp_path, c
     assert steps == sorted(set(steps)) and steps[-1] == 300
 
 
+def test_sigterm_stops_like_ctrl_c(tmp_path):
+    path = write(tmp_path / "run.json", tiny(steps=3000))
+    process = start("run", path, "--out", "cut", "--threads", 1, cwd=tmp_path)
+    wait_for_lines(tmp_path / "cut", 2, process)
+    process.terminate()
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "resume with: steadytrain run" in stdout and "signal=SIGTERM" in stderr
+    state = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert state["step"] == metrics_lines(tmp_path / "cut")[-1]["step"] < 3000
+
+
+#: A model of one's own whose 13th training forward pass touches ``in_step`` and sleeps:
+#: a step that a first Ctrl-C cannot end soon.
+STALLING_MODEL = textwrap.dedent("""
+    import time
+    from pathlib import Path
+
+    import torch
+
+
+    class Stalling(torch.nn.Module):
+        def __init__(self, vocab_size, stall):
+            super().__init__()
+            self.embed = torch.nn.Embedding(vocab_size, 8)
+            self.head = torch.nn.Linear(8, vocab_size)
+            self.stall, self.calls = stall, 0
+
+        def forward(self, ids):
+            self.calls += self.training
+            if self.stall and self.calls == 13:
+                Path("in_step").touch()
+                time.sleep(120)
+            return self.head(self.embed(ids))
+
+
+    def make(vocab_size, stall=False):
+        return Stalling(vocab_size, stall)
+""")
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
+    (tmp_path / "stalling.py").write_text(STALLING_MODEL)
+    config = tiny(steps=20, log_every=5, checkpoint_every=5)
+    config["model"] = {"name": "stalling:make", "stall": True}
+    path = write(tmp_path / "run.json", config)
+    process = start("run", path, "--out", "cut", "--threads", 1, "--quiet", cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "in_step").exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the run did not reach its 13th step"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)  # asks for a stop after this step, which stalls
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 130, stderr
+    assert stderr == "cut: stopped at once (Ctrl-C): the checkpoint of step 10 is kept; " \
+        f"resume with: steadytrain run {path} --out cut --resume\n"
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == 10
+
+
 def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint_and_resume_is_exact(tmp_path, cli):
     path = write(tmp_path / "run.json", tiny(steps=300, log_every=2, checkpoint_every=2))
     assert cli("run", path, "--out", "straight", "--threads", 1, "--quiet")[0] == 0
