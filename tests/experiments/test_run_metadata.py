@@ -1,20 +1,17 @@
 """``metadata.json`` of ``steadytrain run``: versions, plugin origins, the whole resolved config."""
 
-import io
 import json
 import platform
-import signal
 from importlib import metadata
 
 import pytest
 import torch
-from experiment_helpers import steadytrain, tiny, write
+from experiment_helpers import CtrlCAt, steadytrain, tiny, write
 
 import steadytrain as st
 from steadytrain.experiments import load_experiment, train
 from steadytrain.experiments.metadata import VERSIONS
 from steadytrain.experiments.models import model_options
-from steadytrain.experiments.progress import Progress
 
 PLUGINS = [{"plugin": "z_loss"}, {"plugin": "grad_clip", "id": "clip", "max_norm": 0.5}]
 
@@ -63,19 +60,6 @@ def test_the_config_is_recorded_whole_with_its_defaults_and_reads_back(finished)
     assert again == original.with_disabled(("avg",))
     assert read(finished / "run")["data_sha256"] == \
         json.loads((finished / "run" / "config.json").read_text())["data_sha256"]
-
-
-class CtrlCAt(Progress):
-    """A progress display that presses Ctrl-C (a real SIGINT) once *step* is done."""
-
-    def __init__(self, step, total):
-        super().__init__("run", total, stream=io.StringIO())
-        self.step = step
-
-    def update(self, done, text="", *, force=False):
-        super().update(done, text, force=force)
-        if done == self.step:
-            signal.raise_signal(signal.SIGINT)
 
 
 def test_a_resume_under_other_versions_is_recorded_and_warned(tmp_path):
