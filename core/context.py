@@ -253,7 +253,9 @@ class StepContext:
         """The step's task loss: the mean of its micro-batches' task losses, detached.
 
         Complete from ``after_backward`` on (during ``compute_regularizers`` it covers the
-        micro-batches so far); ``None`` when the host passed no task loss.
+        micro-batches so far, on this rank); under ``torch.distributed`` it is the mean over
+        the ranks from ``after_backward`` on, the loss of the global batch. ``None`` when
+        the host passed no task loss.
         """
         return None if self.loss_sum is None else self.loss_sum / self.losses
 

@@ -148,7 +148,8 @@ def after_backward(ctx: StepContext) -> None:
 
     Called once per optimizer step, after the backward of the last micro-batch. Clip or
     inspect gradients here. ``ctx.step_loss`` is the step's task loss (the mean over its
-    micro-batches, detached), recorded once by the core for every plugin. To ask the host
+    micro-batches, detached, and under ``torch.distributed`` over the ranks), recorded once
+    by the core for every plugin. To ask the host
     not to step the optimizer this time, call ``ctx.request_skip(reason, when=...)``;
     ``when`` may be a device tensor so that the decision costs no host sync until the host
     reads it.

@@ -51,6 +51,13 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """*value* averaged over the ranks (an all-reduce that stays on the device)."""
+    shared = value.clone()
+    dist.all_reduce(shared)
+    return shared / dist.get_world_size()
+
+
 class Pipeline:
     """Plugin instances in hook order, bound to one model and its optimizers.
 
@@ -411,8 +418,9 @@ class Pipeline:
         """Gradients are complete: call ``after_backward`` and say whether to step.
 
         Call once per optimizer step, after the backward of the last micro-batch. Under
-        ``torch.distributed`` the decision is made the same on every rank (one all-reduce
-        that stays on the device).
+        ``torch.distributed`` ``ctx.step_loss`` becomes the mean over the ranks before the
+        hooks run, and the decision is made the same on every rank (two all-reduces of one
+        element each, which stay on the device).
         """
         ctx = self._open_step("after_backward")
         if self._outcome is not None:
@@ -433,9 +441,12 @@ class Pipeline:
                 "loss = pipe.compute_loss(task_loss) instead of the task loss alone"
             )
         self._flush_metrics(ctx)
+        distributed = _world_size() > 1
+        if distributed and ctx.loss_sum is not None:
+            ctx.loss_sum = _mean_over_ranks(ctx.loss_sum)
         self._call("after_backward", ctx)
         outcome = StepOutcome(tuple(ctx.skip_requests))
-        if _world_size() > 1:
+        if distributed:
             outcome.agree()
         self._outcome = outcome
         return outcome

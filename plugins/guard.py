@@ -97,7 +97,8 @@ Caveats
     * Gradients are checked through their float32 2-norms: a finite gradient whose norm
       overflows float32 (elements around 1e19) counts as non-finite too.
     * Under ``torch.distributed`` each rank checks its own gradients (its shards under
-      FSDP); the core all-reduces the decision, so every rank skips the same steps.
+      FSDP); the core all-reduces the decision, so every rank skips the same steps. The
+      spike rule judges ``ctx.step_loss``, which the core makes the global batch's loss.
 """
 
 from __future__ import annotations

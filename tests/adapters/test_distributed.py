@@ -92,6 +92,16 @@ def test_ranks_see_different_losses_and_report_the_global_mean(ranks):
     assert rank_0["metrics"][0]["loss/task"] == pytest.approx(want, rel=1e-6)
 
 
+def test_every_rank_sees_the_step_loss_of_the_global_batch(ranks):
+    """``ctx.step_loss`` is the mean over the ranks (and micro-batches), as in one process
+    on the global batch, so the guard's spike rule judges the same loss on every rank: in
+    step 1 rank 1's own loss is 6 times its step-0 loss, the global one 3.5 times, and a
+    guard with window 1 and spike factor 4 skips nothing, as in one process."""
+    for got in results(ranks, "step_loss_across_ranks"):
+        assert got["seen"] == [pytest.approx(1.0), pytest.approx(3.5)]
+        assert got["skipped"] == 0
+
+
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
 def test_a_nan_on_one_rank_skips_the_step_on_every_rank(ranks, kind):
     """Only rank 1 sees the NaN loss; the gradient reduction carries the NaN to rank 0's
