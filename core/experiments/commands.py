@@ -50,10 +50,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training: no clean stop
         if progress is not None:
             progress.close()
-        kept = (f"the checkpoint of step {load_checkpoint(out / CHECKPOINT)['step']} is kept; "
-                f"resume with: steadytrain run {args.config} --out {out} --resume"
-                if (out / CHECKPOINT).exists() else "no checkpoint was written yet; start again"
-                + (" with --overwrite" if (out / CONFIG).exists() else ""))
+        if (out / CHECKPOINT).exists():
+            kept = (f"the checkpoint of step {load_checkpoint(out / CHECKPOINT)['step']} is "
+                    f"kept; resume with: steadytrain run {args.config} --out {out} --resume")
+        else:
+            again = " with --overwrite" if (out / CONFIG).exists() else ""
+            kept = f"no checkpoint was written yet; start again{again}"
         print(f"{out}: stopped at once (Ctrl-C): {kept}", file=sys.stderr)
         return INTERRUPTED
     finally:
