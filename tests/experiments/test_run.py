@@ -157,8 +157,8 @@ def test_sigterm_stops_like_ctrl_c(tmp_path):
     assert state["step"] == metrics_lines(tmp_path / "cut")[-1]["step"] < 3000
 
 
-#: A model of one's own whose 13th training forward pass touches ``in_step`` and sleeps:
-#: a step that a first Ctrl-C cannot end soon.
+#: A model of one's own whose training forward pass number ``stall`` touches ``in_step``
+#: and sleeps: a step that a first Ctrl-C cannot end soon.
 STALLING_MODEL = textwrap.dedent("""
     import time
     from pathlib import Path
@@ -175,36 +175,42 @@ STALLING_MODEL = textwrap.dedent("""
 
         def forward(self, ids):
             self.calls += self.training
-            if self.stall and self.calls == 13:
+            if self.calls == self.stall:
                 Path("in_step").touch()
                 time.sleep(120)
             return self.head(self.embed(ids))
 
 
-    def make(vocab_size, stall=False):
+    def make(vocab_size, stall=0):
         return Stalling(vocab_size, stall)
 """)
 
 
-def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
+@pytest.mark.parametrize(("stall", "kept"), [
+    (13, "the checkpoint of step 10 is kept; resume with: steadytrain run {path} --out cut "
+         "--resume"),
+    (3, "no checkpoint was written yet; start again with --overwrite"),
+], ids=["after_a_checkpoint", "before_any"])
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, stall, kept):
     (tmp_path / "stalling.py").write_text(STALLING_MODEL)
     config = tiny(steps=20, log_every=5, checkpoint_every=5)
-    config["model"] = {"name": "stalling:make", "stall": True}
+    config["model"] = {"name": "stalling:make", "stall": stall}
     path = write(tmp_path / "run.json", config)
     process = start("run", path, "--out", "cut", "--threads", 1, "--quiet", cwd=tmp_path)
     deadline = time.monotonic() + 120
     while not (tmp_path / "in_step").exists():
         assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "the run did not reach its 13th step"
+        assert time.monotonic() < deadline, "the run did not reach the stalling step"
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)  # asks for a stop after this step, which stalls
     time.sleep(0.5)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=20)
     assert process.returncode == 130, stderr
-    assert stderr == "cut: stopped at once (Ctrl-C): the checkpoint of step 10 is kept; " \
-        f"resume with: steadytrain run {path} --out cut --resume\n"
-    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == 10
+    assert stderr == f"cut: stopped at once (Ctrl-C): {kept.format(path=path)}\n"
+    checkpoint = tmp_path / "cut" / "checkpoint.pt"
+    assert (load_checkpoint(checkpoint)["step"] if checkpoint.exists() else None) == (
+        10 if stall > 10 else None)
 
 
 def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint_and_resume_is_exact(tmp_path, cli):
