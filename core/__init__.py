@@ -31,6 +31,7 @@ from .errors import (
 )
 from .filters import VariableFilter
 from .hookspecs import hookimpl
+from .logs import get_logger
 from .metrics import MetricStore
 from .optimizer_step import step_optimizer
 from .pipeline import Pipeline
@@ -63,6 +64,7 @@ __all__ = [
     "VariableFilter",
     "__version__",
     "grad_norms",
+    "get_logger",
     "hookimpl",
     "hookspecs",
     "load_config",

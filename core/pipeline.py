@@ -30,7 +30,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import structlog
 import torch
 import torch.distributed as dist
 
@@ -42,10 +41,11 @@ from .errors import ConfigError, TermError, UsageError
 from .filters import VariableFilter
 from .grad_norms import GradientNorms
 from .hook_table import HookTable, name_of
+from .logs import get_logger
 from .loss import LossComposer, check_task_loss, instance_weight
 from .registry import Registry
 
-log = structlog.get_logger("steadytrain")
+log = get_logger()
 
 
 def _world_size() -> int:

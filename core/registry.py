@@ -17,13 +17,13 @@ from collections.abc import Callable, Iterable
 from importlib import metadata
 
 import attrs
-import structlog
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from ._version import __version__
 from .errors import RegistryError, suggest
 from .hook_table import check_hooks
+from .logs import get_logger
 from .plugin import Plugin
 
 GROUP = "steadytrain.plugins"
@@ -32,7 +32,7 @@ AUTOLOAD_ENV = "STEADYTRAIN_DISABLE_PLUGIN_AUTOLOAD"
 ALLOW_ENV = "STEADYTRAIN_ALLOW_PLUGINS"
 OWN_DISTRIBUTION = "steadytrain"
 
-log = structlog.get_logger("steadytrain")
+log = get_logger()
 
 
 #: Keys of a config entry that the core reads; a plugin option of the same name would be

@@ -111,13 +111,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
-import structlog
 import torch
 
 import steadytrain
 from steadytrain.validators import boolean, non_negative_int, one_of, positive_int
 
-log = structlog.get_logger("steadytrain")
+log = steadytrain.get_logger()
 
 #: Order of the skip counters kept on the device (and of ``state_dict()["counters"]``).
 CAUSES = ("skipped", "nonfinite_loss", "nonfinite_grads", "spike")

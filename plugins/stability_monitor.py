@@ -71,14 +71,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
-import structlog
 import torch
 
 import steadytrain
 from steadytrain.nn import consolidating_modules
 from steadytrain.validators import non_negative, norm_order, optional, positive_int
 
-log = structlog.get_logger("steadytrain")
+log = steadytrain.get_logger()
 
 #: Earlier checks the run's own floors need before a warning.
 FLOOR_CHECKS = 3

@@ -10,6 +10,8 @@ The run directory holds:
 * ``checkpoint.pt``: model, optimizer, pipeline and random-number states every
   ``checkpoint_every`` steps, at Ctrl-C and at the end, written atomically;
 * ``summary.json``: the run's measures when it ends (see :func:`summarize`);
+* ``metadata.json``: versions, plugin origins and the resolved config (see
+  :mod:`~steadytrain.experiments.metadata`);
 * ``events.jsonl``: the structlog events, when run from the command line.
 
 The loop measures what it compares across pipelines itself, the same way for every
@@ -31,16 +33,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import structlog
 import torch
 
 from .._version import __version__
 from ..errors import ConfigError, SteadytrainError, TrainingError
+from ..logs import get_logger
 from ..optimizer_step import step_optimizer
 from ..param_groups import param_groups
 from ..pipeline import Pipeline
 from . import measures
 from .checkpoint import CHECKPOINT, FORMAT, load_checkpoint, save_atomic, write_json_atomic
+from .metadata import record_metadata
 from .models import Task, build_task
 from .progress import Progress
 from .settings import ExperimentConfig, TrainSettings
@@ -51,7 +54,7 @@ SUMMARY = "summary.json"
 EVENTS = "events.jsonl"
 SERIES = ("loss", "grad_norm", "logit_max", "attention_logit_max", "skipped")
 
-log = structlog.get_logger("steadytrain.experiments")
+log = get_logger("steadytrain.experiments")
 
 
 class RunError(SteadytrainError):
@@ -290,6 +293,7 @@ def _run(config: ExperimentConfig, plain: dict[str, Any], out: Path, task: Task,
         start, seconds = 0, 0.0
         log.info("run.started", out=str(out), model=config.model.name, lr=settings.lr,
                  seed=settings.seed, steps=settings.steps, initial_loss=round(initial, 4))
+    record_metadata(out, config, pipe, task.data_sha256, step=start)
 
     def checkpoint(step: int, finished: bool = False) -> None:
         state = {
