@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 import steadytrain
+from steadytrain.grad_norms import GradientNorms
 from steadytrain.plugins.ema import EMA
 from steadytrain.plugins.grad_clip import ClipGroup, GradClip, clip_grad_groups_
 
@@ -264,14 +265,26 @@ def bench_clip(model: torch.nn.Module, device: str, repeat: int) -> dict[str, fl
             groups=(ClipGroup("memory", ("*memory*",), max_norm=limit, clipping=limit),),
         ))
         pipe = steadytrain.Pipeline([plugin]).setup(model)
-        ctx = steadytrain.StepContext(pipe.run, 0, 0, None, id=plugin.id)
         results[f"grad_clip plugin, {mode} (2 groups)"] = timed(
-            lambda plugin=plugin, ctx=ctx: plugin.after_backward(ctx), device, repeat
+            clipping_call(pipe, plugin), device, repeat
         )
         pipe.close()
     for p in params:
         p.grad = None
     return results
+
+
+def clipping_call(pipe: steadytrain.Pipeline, plugin: GradClip):
+    """One ``after_backward`` of *plugin* as the pipeline makes it: in a step context with
+    the step's shared gradient norms, new for every call (each call is a new step)."""
+    ctx = steadytrain.StepContext(pipe.run, 0, 0, None, id=plugin.id)
+    model_params = list(pipe.run.model.parameters())
+
+    def call() -> None:
+        ctx.norm_cache = GradientNorms(lambda: model_params)
+        plugin.after_backward(ctx)
+
+    return call
 
 
 def kernel_counts(model: torch.nn.Module) -> dict[str, int]:
@@ -289,9 +302,7 @@ def kernel_counts(model: torch.nn.Module) -> dict[str, int]:
             mode=mode, max_norm=1e30, clipping=1e30,
             groups=(ClipGroup("memory", ("*memory*",), max_norm=1e30, clipping=1e30),)))
         pipe = steadytrain.Pipeline([plugin]).setup(model)
-        ctx = steadytrain.StepContext(pipe.run, 0, 0, None, id=plugin.id)
-        variants[f"grad_clip plugin, {mode} (2 groups)"] = (
-            lambda plugin=plugin, ctx=ctx: plugin.after_backward(ctx))
+        variants[f"grad_clip plugin, {mode} (2 groups)"] = clipping_call(pipe, plugin)
         pipes.append(pipe)
     counts = {}
     for name, fn in variants.items():
@@ -365,6 +376,7 @@ def check_no_host_sync() -> str:
         for _ in range(3):
             for clip in clips:
                 ctx.id = clip.id
+                ctx.norm_cache = GradientNorms(model.parameters)
                 clip.after_backward(ctx)
             ema.update()
             clip_grad_groups_([list(model[0].parameters()), list(model[1].parameters())],
