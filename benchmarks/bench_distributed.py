@@ -67,7 +67,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from bench_ema_clip import timed
 from bench_end_to_end import CONFIG as END_TO_END_CONFIG
-from bench_end_to_end import GPT, PHASES, Clock, Variant, count_syncs
+from bench_end_to_end import GPT, PHASES, Clock, HandTechniques, Variant, count_syncs
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -118,22 +118,12 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-class DistributedVariant(Variant):
-    """``bench_end_to_end``'s variants on every rank: the z-loss, the pipeline set up by
-    ``distributed.setup``, and by hand the reductions that several ranks need."""
+class DistributedHand(HandTechniques):
+    """``bench_end_to_end``'s hand-written techniques on every rank, with the reductions
+    that several ranks need, as one would write them."""
 
-    config = CONFIG
-
-    def setup_pipeline(self, pipe: steadytrain.Pipeline, total_steps: int) -> steadytrain.Pipeline:
-        return distributed.setup(pipe, self.model, self.optimizer, total_steps=total_steps)
-
-    def hand_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        log_z = torch.logsumexp(logits.float(), dim=-1)
-        return (F.cross_entropy(logits.flatten(0, 1), y.flatten())
-                + Z_COEFFICIENT * log_z.square().mean())
-
-    def _setup_hand(self) -> None:
-        super()._setup_hand()
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        super().__init__(model, device)
         # The average is elementwise: each rank averages its own shards.
         with torch.no_grad():
             self.params = [local(p) for p in self.params]
@@ -155,6 +145,22 @@ class DistributedVariant(Variant):
         flag = skip.to(torch.float32).reshape(1)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag[0] > 0
+
+
+class DistributedVariant(Variant):
+    """``bench_end_to_end``'s variants on every rank: the z-loss in place of label
+    smoothing, the pipeline set up by ``distributed.setup``, :class:`DistributedHand`."""
+
+    config = CONFIG
+    hand_techniques = DistributedHand
+
+    def setup_pipeline(self, pipe: steadytrain.Pipeline, total_steps: int) -> steadytrain.Pipeline:
+        return distributed.setup(pipe, self.model, self.optimizer, total_steps=total_steps)
+
+    def hand_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        log_z = torch.logsumexp(logits.float(), dim=-1)
+        return (F.cross_entropy(logits.flatten(0, 1), y.flatten())
+                + Z_COEFFICIENT * log_z.square().mean())
 
 
 class CorruptingClock(Clock):
@@ -366,13 +372,13 @@ def check_timing(mode: str, args: argparse.Namespace, device: torch.device
                 host[variant.name].append(sum(h))
                 phases[variant.name].append(g)
             variant.end_of_round()
-    syncs = {v.name: count_syncs(v, batches, 10) if device.type == "cuda" else None
+    syncs = {v.name: count_syncs(v, batches, 10) if device.type == "cuda" else (None, {})
              for v in variants}
     mine = {v.name: {
         "step_ms": statistics.median(gpu[v.name]), "host_ms": statistics.median(host[v.name]),
         "phases_ms": {p: statistics.median(s[i] for s in phases[v.name])
                       for i, p in enumerate(PHASES)},
-        "syncs": syncs[v.name]} for v in variants}
+        "syncs": syncs[v.name][0], "sync_sites": dict(syncs[v.name][1])} for v in variants}
     mine["ratio"] = mine["pipeline"]["step_ms"] / mine["hand"]["step_ms"]
     gathered: list[Any] = [None] * world()[1]
     dist.all_gather_object(gathered, mine)

@@ -8,6 +8,11 @@ Times, per update, for models of 10M to 1B float32 parameters shaped like a tran
   ``torch_ema.ExponentialMovingAverage`` and timm's ``ModelEmaV3`` (each where
   importable). Achieved bandwidth counts the fewest bytes an update must move: read the
   shadow and the weights, write the shadow (12 bytes a parameter).
+  The skip-aware update (the skip decision left on the device, as in every sync-free
+  loop) is timed too, with and without warmup, and given as a ratio to the plain update.
+* Many small tensors (``--many``, 2000 tensors of 2100 parameters by default): the
+  plugin's update against one ``lerp_`` over one flat buffer of the same bytes, a bare
+  ``torch._foreach_lerp_``, and the plugin on the same weights moved into one buffer.
 * Clipping: the ``grad_clip`` plugin's ``after_backward`` in each mode (two groups,
   metrics included) and the plain ``clip_grad_groups_``, against one
   ``clip_grad_norm_(foreach=True)`` over all parameters.
@@ -15,12 +20,14 @@ Times, per update, for models of 10M to 1B float32 parameters shaped like a tran
 Run: ``python benchmarks/bench_ema_clip.py --sizes 10 100 [--device cuda] [--json out.json]``.
 On CUDA the script also measures a device-to-device copy (the practical bandwidth
 ceiling), checks the CPU-shadow and evaluation-swap paths against the same-device one,
-and runs the plugins' step work under ``torch.cuda.set_sync_debug_mode("error")``.
+runs the plugins' step work under ``torch.cuda.set_sync_debug_mode("error")``, and counts
+the kernels each clipping variant launches per call (torch's profiler).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import platform
@@ -33,6 +40,7 @@ from pathlib import Path
 import torch
 
 import steadytrain
+from steadytrain.grad_norms import GradientNorms
 from steadytrain.plugins.ema import EMA
 from steadytrain.plugins.grad_clip import ClipGroup, GradClip, clip_grad_groups_
 
@@ -57,6 +65,23 @@ def make_model(millions: int, device: str) -> torch.nn.Module:
         for p in model.parameters():
             p.normal_()
     return model
+
+
+def many_small(count: int, device: str) -> torch.nn.Module:
+    """*count* parameters of 30×70 = 2100 elements, each its own tensor."""
+    with torch.device(device):
+        return torch.nn.ParameterList(torch.nn.Parameter(torch.randn(30, 70))
+                                      for _ in range(count))
+
+
+def flatten_(model: torch.nn.Module) -> None:
+    """Move the model's parameters into one buffer, back to back (a host's flat layout)."""
+    params = list(model.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p.data = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
 
 
 def timed(fn: Callable[[], object], device: str, repeat: int, warmup: int = 3) -> float:
@@ -115,11 +140,37 @@ def bench_ema(model: torch.nn.Module, device: str, repeat: int) -> dict[str, flo
         lambda: plugin.update(skip=keep), device, repeat
     )
     assert plugin.num_updates > 0  # reads the device-side count: back to plain updates
+    warm = EMA(EMA.Config(decay=0.999, warmup=True), id="warm")
+    warm_pipe = steadytrain.Pipeline([warm]).setup(model)
+    warm.update()
+    results["steadytrain ema, warmup"] = timed(warm.update, device, repeat)
+    results["steadytrain ema, warmup, device-side skip flag"] = timed(
+        lambda: warm.update(skip=keep), device, repeat
+    )
+    warm_pipe.close()
 
     shadow = [p.detach().clone() for p in params]
     weights = [p.detach() for p in params]  # as every EMA does: no autograd bookkeeping
     results["torch._foreach_lerp_"] = timed(
         lambda: torch._foreach_lerp_(shadow, weights, 0.001), device, repeat
+    )
+    # The kernel of the skip-aware path alone, with a host weight and no flag; the same
+    # without maximize (weight decay −1, learning rate −w); and the per-tensor lerp with a
+    # device weight that the skip-aware path used before.
+    results["torch._fused_sgd_ as a lerp"] = timed(
+        lambda: torch._fused_sgd_(shadow, weights, [], weight_decay=1.0, momentum=0.0,
+                                  lr=0.001, dampening=0.0, nesterov=False, maximize=True,
+                                  is_first_step=False), device, repeat
+    )
+    results["torch._fused_sgd_ as a lerp, no maximize"] = timed(
+        lambda: torch._fused_sgd_(shadow, weights, [], weight_decay=-1.0, momentum=0.0,
+                                  lr=-0.001, dampening=0.0, nesterov=False, maximize=False,
+                                  is_first_step=False), device, repeat
+    )
+    weight = torch.full((), 0.001, device=device)
+    views = [weight.expand_as(t) for t in shadow]
+    results["torch._foreach_lerp_, a device weight per tensor"] = timed(
+        lambda: torch._foreach_lerp_(shadow, weights, views), device, repeat
     )
     # What one kernel over one contiguous buffer of the same size achieves: the ceiling
     # for any update of separate tensors.
@@ -165,6 +216,33 @@ def bench_ema(model: torch.nn.Module, device: str, repeat: int) -> dict[str, flo
     return results
 
 
+def bench_many(count: int, device: str, repeat: int) -> dict[str, float]:
+    model = many_small(count, device)
+    params = list(model.parameters())
+    shadow = [p.detach().clone() for p in params]
+    weights = [p.detach() for p in params]
+    flat_shadow = torch.cat([t.flatten() for t in shadow])
+    flat_weights = torch.cat([t.flatten() for t in weights])
+    keep = torch.tensor(False, device=device)
+    results = {
+        "one lerp_ over a flat buffer": timed(
+            lambda: flat_shadow.lerp_(flat_weights, 0.001), device, repeat),
+        "torch._foreach_lerp_": timed(
+            lambda: torch._foreach_lerp_(shadow, weights, 0.001), device, repeat),
+    }
+    for layout in ("separate tensors", "weights in one buffer"):
+        if layout != "separate tensors":
+            flatten_(model)
+        plugin = EMA(EMA.Config(decay=0.999, warmup=False))
+        pipe = steadytrain.Pipeline([plugin]).setup(model)
+        plugin.update()
+        results[f"steadytrain ema, {layout}"] = timed(plugin.update, device, repeat)
+        results[f"steadytrain ema, {layout}, device-side skip flag"] = timed(
+            lambda plugin=plugin: plugin.update(skip=keep), device, repeat)
+        pipe.close()
+    return results
+
+
 def bench_clip(model: torch.nn.Module, device: str, repeat: int) -> dict[str, float]:
     params = list(model.parameters())
     gen = torch.Generator(device=device).manual_seed(0)
@@ -187,14 +265,59 @@ def bench_clip(model: torch.nn.Module, device: str, repeat: int) -> dict[str, fl
             groups=(ClipGroup("memory", ("*memory*",), max_norm=limit, clipping=limit),),
         ))
         pipe = steadytrain.Pipeline([plugin]).setup(model)
-        ctx = steadytrain.StepContext(pipe.run, 0, 0, None, instance=plugin.id)
         results[f"grad_clip plugin, {mode} (2 groups)"] = timed(
-            lambda plugin=plugin, ctx=ctx: plugin.after_backward(ctx), device, repeat
+            clipping_call(pipe, plugin), device, repeat
         )
         pipe.close()
     for p in params:
         p.grad = None
     return results
+
+
+def clipping_call(pipe: steadytrain.Pipeline, plugin: GradClip):
+    """One ``after_backward`` of *plugin* as the pipeline makes it: in a step context with
+    the step's shared gradient norms, new for every call (each call is a new step)."""
+    ctx = steadytrain.StepContext(pipe.run, 0, 0, None, id=plugin.id)
+    model_params = list(pipe.run.model.parameters())
+
+    def call() -> None:
+        ctx.norm_cache = GradientNorms(lambda: model_params)
+        plugin.after_backward(ctx)
+
+    return call
+
+
+def kernel_counts(model: torch.nn.Module) -> dict[str, int]:
+    """CUDA kernels one call of each clipping variant launches (torch's profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    variants = {"clip_grad_norm_(foreach=True)": lambda: torch.nn.utils.clip_grad_norm_(
+        params, 1e30, foreach=True)}
+    pipes = []
+    for mode in ("norm", "adaptive", "agc"):
+        plugin = GradClip(GradClip.Config(
+            mode=mode, max_norm=1e30, clipping=1e30,
+            groups=(ClipGroup("memory", ("*memory*",), max_norm=1e30, clipping=1e30),)))
+        pipe = steadytrain.Pipeline([plugin]).setup(model)
+        variants[f"grad_clip plugin, {mode} (2 groups)"] = clipping_call(pipe, plugin)
+        pipes.append(pipe)
+    counts = {}
+    for name, fn in variants.items():
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        counts[name] = sum(e.count for e in prof.key_averages()
+                           if e.device_type == torch.autograd.DeviceType.CUDA)
+    for pipe in pipes:
+        pipe.close()
+    for p in params:
+        p.grad = None
+    return counts
 
 
 def copy_bandwidth() -> float:
@@ -253,6 +376,7 @@ def check_no_host_sync() -> str:
         for _ in range(3):
             for clip in clips:
                 ctx.id = clip.id
+                ctx.norm_cache = GradientNorms(model.parameters)
                 clip.after_backward(ctx)
             ema.update()
             clip_grad_groups_([list(model[0].parameters()), list(model[1].parameters())],
@@ -275,6 +399,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="model sizes in millions of parameters")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--many", type=int, default=2000,
+                        help="tensors of 2100 parameters in the many-tensor case (0: skip it)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--threads", type=int,
                         help="CPU threads for torch; 1 gives steadier numbers on a busy machine")
@@ -292,18 +418,32 @@ def main(argv: list[str] | None = None) -> None:
         report["cuda_paths"] = check_cuda_paths()
         report["no_host_sync"] = check_no_host_sync()
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}), flush=True)
+    if args.many:
+        many = bench_many(args.many, device, args.repeat)
+        base = many["one lerp_ over a flat buffer"]
+        report["many"] = {"tensors": args.many, "params": 2100 * args.many, "ema_s": many,
+                          "ratio": {k: v / base for k, v in many.items()}}
+        print(json.dumps(report["many"]), flush=True)
     for millions in args.sizes:
         model = make_model(millions, device)
         count = sum(p.numel() for p in model.parameters())
         run = {"params": count, "tensors": len(list(model.parameters())),
                "ema_s": bench_ema(model, device, args.repeat),
                "clip_s": bench_clip(model, device, args.repeat)}
+        if device == "cuda":
+            run["clip_kernels"] = kernel_counts(model)
         run["ema_GBps"] = {k: 12 * count / v / 1e9 for k, v in run["ema_s"].items()}
+        ema = run["ema_s"]
+        run["skip_aware_ratio"] = {
+            "warmup off": ema["steadytrain ema, device-side skip flag"] / ema["steadytrain ema"],
+            "warmup on": ema["steadytrain ema, warmup, device-side skip flag"]
+            / ema["steadytrain ema, warmup"]}
         base = run["clip_s"]["clip_grad_norm_(foreach=True)"]
         run["clip_ratio"] = {k: v / base for k, v in run["clip_s"].items()}
         report["runs"].append(run)
         print(json.dumps(run), flush=True)
         del model
+        gc.collect()  # the plugins and their pipelines refer to each other
         if device == "cuda":
             torch.cuda.empty_cache()
     if args.json:
@@ -313,12 +453,22 @@ def main(argv: list[str] | None = None) -> None:
 
 def print_table(report: dict) -> None:
     print(f"\n{report['machine']}, torch {report['torch']}")
+    if "many" in report:
+        many = report["many"]
+        print(f"\n{many['tensors']} tensors, {many['params'] / 1e6:.1f}M params")
+        for name, seconds in many["ema_s"].items():
+            print(f"  EMA  {name:56s} {seconds * 1e3:9.4f} ms  {many['ratio'][name]:7.2f}x flat")
     for run in report["runs"]:
         print(f"\n{run['params'] / 1e6:.1f}M params, {run['tensors']} tensors")
         for name, seconds in run["ema_s"].items():
-            print(f"  EMA  {name:38s} {seconds * 1e3:9.3f} ms  {run['ema_GBps'][name]:8.1f} GB/s")
+            print(f"  EMA  {name:48s} {seconds * 1e3:9.3f} ms  {run['ema_GBps'][name]:8.1f} GB/s")
+        for which, ratio in run["skip_aware_ratio"].items():
+            print(f"  EMA  skip-aware ÷ plain, {which:23s} {ratio:9.3f}x")
+        kernels = run.get("clip_kernels", {})
         for name, seconds in run["clip_s"].items():
-            print(f"  clip {name:38s} {seconds * 1e3:9.3f} ms  {run['clip_ratio'][name]:7.3f}x")
+            launches = f"  {kernels[name]:5d} kernels" if name in kernels else ""
+            print(f"  clip {name:38s} {seconds * 1e3:9.3f} ms  {run['clip_ratio'][name]:7.3f}x"
+                  f"{launches}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Everything a plugin author or a host needs is importable from here; ``__all__`` 
 public API and built-in plugins use nothing else.
 """
 
-from . import hookspecs, losses, schedules, sources, validators
+from . import grad_norms, hookspecs, losses, schedules, sources, validators
 from ._version import __version__
 from .config import (
     GroupSpec,
@@ -31,6 +31,7 @@ from .errors import (
 )
 from .filters import VariableFilter
 from .hookspecs import hookimpl
+from .logs import get_logger
 from .metrics import MetricStore
 from .optimizer_step import step_optimizer
 from .pipeline import Pipeline
@@ -62,6 +63,8 @@ __all__ = [
     "UsageError",
     "VariableFilter",
     "__version__",
+    "grad_norms",
+    "get_logger",
     "hookimpl",
     "hookspecs",
     "load_config",

@@ -196,9 +196,13 @@ def _structure_schedule(value: Any, _type: Any) -> Schedule:
 
 
 def _unstructure_schedule(schedule: Schedule) -> Any:
+    """A schedule as the config value that structures back into it: a constant's number, or
+    the table with its ``kind``."""
     if isinstance(schedule, Constant):
         return schedule.value
-    return {"kind": schedule.kind, **converter.unstructure(schedule)}
+    fields = {f.name: converter.unstructure(getattr(schedule, f.name))
+              for f in attrs.fields(type(schedule))}
+    return {"kind": schedule.kind, **fields}
 
 
 def _make_converter() -> cattrs.Converter:
@@ -209,6 +213,10 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(str, _structure_str)
     conv.register_structure_hook_func(lambda t: t == tuple[str, ...], _structure_str_tuple)
     conv.register_structure_hook_func(lambda t: t == Schedule, _structure_schedule)
+    # Schedules are unstructured by their class (wherever they sit: a plugin's options
+    # too), and into what _structure_schedule reads: their kind is a ClassVar.
+    conv.register_unstructure_hook_func(lambda t: t in SCHEDULES.values(),
+                                        _unstructure_schedule)
     conv.register_unstructure_hook(tuple, list)
     return conv
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +11,7 @@ import torch
 
 from .errors import ConfigError, UsageError
 from .filters import VariableFilter
+from .grad_norms import GradientNorms, check_norm_type, total_norm
 from .metrics import MetricStore
 
 if TYPE_CHECKING:
@@ -247,13 +248,17 @@ class StepContext:
     weights: Mapping[str, float] = attrs.Factory(dict)
     loss_sum: torch.Tensor | None = None
     losses: int = 0
+    #: The shared gradient norms; set by the core while ``after_backward`` runs.
+    norm_cache: GradientNorms | None = None
 
     @property
     def step_loss(self) -> torch.Tensor | None:
         """The step's task loss: the mean of its micro-batches' task losses, detached.
 
         Complete from ``after_backward`` on (during ``compute_regularizers`` it covers the
-        micro-batches so far); ``None`` when the host passed no task loss.
+        micro-batches so far, on this rank); under ``torch.distributed`` it is the mean over
+        the ranks from ``after_backward`` on, the loss of the global batch. ``None`` when
+        the host passed no task loss.
         """
         return None if self.loss_sum is None else self.loss_sum / self.losses
 
@@ -346,6 +351,48 @@ class StepContext:
         # Staged, and detached by the pipeline after the backward: a detached alias of a
         # tensor that backward is about to use slows that backward down.
         self.staged.append((f"{self.id}/{name}", value))
+
+    def gradient_norms(
+        self, parameters: Iterable[torch.Tensor], *, norm_type: float = 2.0
+    ) -> list[torch.Tensor]:
+        """The ``norm_type`` norm of the gradient of each of *parameters* that has one.
+
+        In ``after_backward`` only. Float32 0-d tensors on the gradients' devices, in the
+        order of *parameters*; parameters without a gradient are left out. A sharded
+        gradient (a DTensor, under FSDP2) gets the norm of the whole gradient, the same on
+        every rank. Every plugin of the step shares one computation: the first request
+        takes the norms of all the model's gradients in one fused kernel, and they serve
+        every later request until a plugin that rescales gradients has run; requests after
+        it see the rescaled gradients.
+        """
+        norm_type = check_norm_type(norm_type, owner=f"{self.id}: ctx.gradient_norms()")
+        if self.norm_cache is None:
+            raise UsageError(
+                f"{self.id}: ctx.gradient_norms() and ctx.gradient_norm() are available in "
+                "after_backward only, where the step's gradients are complete"
+            )
+        return self.norm_cache.of(parameters, norm_type)
+
+    def gradient_norm(
+        self, parameters: Iterable[torch.Tensor], *, norm_type: float = 2.0
+    ) -> torch.Tensor:
+        """The total ``norm_type`` norm of the gradients of *parameters*, as
+        ``torch.nn.utils.get_total_norm`` gives it, from the shared norms of
+        :meth:`gradient_norms`; a float32 0-d tensor, 0 when no parameter has a gradient."""
+        parameters = list(parameters)
+        norms = self.gradient_norms(parameters, norm_type=norm_type)
+        device = parameters[0].device if parameters else None
+        return total_norm(norms, norm_type, device=device)
+
+    def gradients_changed(self) -> None:
+        """Say that the running hook changed gradients: norms asked for after it are
+        computed from the new values.
+
+        The core calls it after the ``after_backward`` of every plugin that declares
+        ``rescales_gradients = True``; a plugin that changes gradients otherwise calls it.
+        """
+        if self.norm_cache is not None:
+            self.norm_cache.clear()
 
     def request_skip(self, reason: str, *, when: bool | torch.Tensor = True) -> None:
         """Ask the host not to step the optimizer this time, if *when* holds.

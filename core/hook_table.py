@@ -87,6 +87,19 @@ def _check_instance(plugin: object) -> None:
         )
 
 
+def _then_gradients_changed(function: Callable[..., Any], takes_arg: bool
+                            ) -> Callable[[Any], Any]:
+    """*function*, followed by ``ctx.gradients_changed()``: a plugin that rescales gradients
+    makes the shared gradient norms stale, even when it fails half-way."""
+    def call(ctx: Any) -> Any:
+        try:
+            return function(ctx) if takes_arg else function()
+        finally:
+            ctx.gradients_changed()
+
+    return call
+
+
 class HookTable:
     """Plugin instances in config order and, for every hook, the implementations to call.
 
@@ -135,10 +148,13 @@ class HookTable:
 
     def _entry(self, hook: str, key: str, function: Callable[..., Any], takes_arg: bool
                ) -> Dispatch:
-        if not self.tracing:
-            return key, function, takes_arg
-        plugin = name_of(self.instances[key])
-        return key, trace.traced(key, plugin, hook, function, takes_arg), True
+        plugin = self.instances[key]
+        if self.tracing:
+            function = trace.traced(key, name_of(plugin), hook, function, takes_arg)
+            takes_arg = True
+        if hook == "after_backward" and getattr(plugin, "rescales_gradients", False):
+            function, takes_arg = _then_gradients_changed(function, takes_arg), True
+        return key, function, takes_arg
 
     def implementers(self, hook: str) -> tuple[str, ...]:
         """Ids of the instances that implement *hook*, in call order."""

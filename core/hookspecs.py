@@ -18,9 +18,13 @@ Implement a hook by naming a method after it and marking it with
 Rules that hold for every hook:
 
 * The core is gradient-free. No hook may call ``backward()``, step or zero an optimizer:
-  the host owns the training loop. A hook that must keep a graph for a double backward
-  declares ``needs_create_graph = True`` on its plugin class and the host asks the
-  pipeline (:attr:`steadytrain.Pipeline.needs_create_graph`) before calling backward.
+  the host owns the training loop. A plugin whose terms need the parameter gradients
+  themselves to be differentiable (the host's ``backward(create_graph=True)``) declares
+  ``needs_create_graph = True`` on its class, and the host asks the pipeline
+  (:attr:`steadytrain.Pipeline.needs_create_graph`) before calling backward. A term that
+  takes its own gradient inside the step (``torch.autograd.grad(..., create_graph=True)``,
+  as ``gradient_penalty`` does) needs no such flag: the ordinary backward differentiates
+  through it.
 * Arguments never have defaults in an implementation: pluggy does not pass arguments
   that have defaults, so ``def before_step(self, ctx=None)`` would always see ``None``;
   such an implementation is refused when the plugin is registered, and so is a method
@@ -148,10 +152,17 @@ def after_backward(ctx: StepContext) -> None:
 
     Called once per optimizer step, after the backward of the last micro-batch. Clip or
     inspect gradients here. ``ctx.step_loss`` is the step's task loss (the mean over its
-    micro-batches, detached), recorded once by the core for every plugin. To ask the host
+    micro-batches, detached, and under ``torch.distributed`` over the ranks), recorded once
+    by the core for every plugin. To ask the host
     not to step the optimizer this time, call ``ctx.request_skip(reason, when=...)``;
     ``when`` may be a device tensor so that the decision costs no host sync until the host
     reads it.
+
+    Take gradient norms with ``ctx.gradient_norms(params)`` (per tensor) and
+    ``ctx.gradient_norm(params)`` (total) rather than computing them: every plugin of the
+    step shares one fused computation. A plugin whose hook changes the gradients declares
+    ``rescales_gradients = True`` (the core then drops the shared norms after its hook) or
+    calls ``ctx.gradients_changed()``.
     """
 
 

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError, OptionError, RegistryError, suggest
-from .registry import AUTOLOAD_ENV, OWN_DISTRIBUTION
+from .registry import AUTOLOAD_ENV, OWN_DISTRIBUTION, claimed_by_several, find_entry_points
 from .validators import in_range, non_negative, positive
 
 GROUP = "steadytrain.losses"
@@ -248,16 +248,12 @@ class LossRegistry:
         """
         if autoload is None:
             autoload = not os.environ.get(AUTOLOAD_ENV)
-        claims: dict[str, list[metadata.EntryPoint]] = {}
-        for ep in metadata.entry_points(group=GROUP):
-            if autoload or ep.dist.name == OWN_DISTRIBUTION:
-                claims.setdefault(ep.name, []).append(ep)
+        found, _ = find_entry_points(
+            GROUP, lambda distribution, _name: autoload or distribution == OWN_DISTRIBUTION)
         registry = cls()
-        for name, eps in claims.items():
-            entry = registry._entries[name] = LossEntry(name, eps[0])
-            if len(eps) > 1:
-                entry.error = "the name is claimed by several distributions: " + " and ".join(
-                    f"{ep.dist.name} {ep.dist.version} ({ep.value})" for ep in eps)
+        for name, claims in found.items():
+            registry._entries[name] = LossEntry(name, claims[0].entry_point,
+                                                error=claimed_by_several(claims))
         return registry
 
     def register(self, factory: type[Loss], name: str | None = None) -> None:

@@ -58,10 +58,13 @@ def step_optimizer(
         flag = outcome.skip
     if scaler is not None:
         state = _grad_scaler_state(scaler, optimizer)
-        if not isinstance(flag, torch.Tensor):
-            flag = torch.tensor(bool(flag))
         for found_inf in state["found_inf_per_device"].values():
-            found_inf.copy_(torch.maximum(found_inf, flag.to(found_inf)))
+            if isinstance(flag, torch.Tensor):
+                torch.maximum(found_inf, flag.to(found_inf), out=found_inf)
+            elif flag:
+                # A fill, not a tensor made from the bool: that would be a copy from
+                # pageable host memory, which waits for the device.
+                found_inf.fill_(1.0)
         scaler.step(optimizer)
         return
     if not isinstance(flag, torch.Tensor):

@@ -30,7 +30,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import structlog
 import torch
 import torch.distributed as dist
 
@@ -40,15 +39,24 @@ from .config import RunConfig, disabled_names, load_config
 from .context import Run, StepContext, StepOutcome, _active_step
 from .errors import ConfigError, TermError, UsageError
 from .filters import VariableFilter
+from .grad_norms import GradientNorms
 from .hook_table import HookTable, name_of
+from .logs import get_logger
 from .loss import LossComposer, check_task_loss, instance_weight
 from .registry import Registry
 
-log = structlog.get_logger("steadytrain")
+log = get_logger()
 
 
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """*value* averaged over the ranks (an all-reduce that stays on the device)."""
+    shared = value.clone()
+    dist.all_reduce(shared)
+    return shared / dist.get_world_size()
 
 
 class Pipeline:
@@ -75,6 +83,7 @@ class Pipeline:
         self._pending_state: Mapping[str, Any] | None = None
         self._is_setup = False
         self._closed = False
+        self._model_parameters: list[torch.nn.Parameter] | None = None
         self._finite_check = finite_check
         for plugin in plugins:
             self._hooks.add(plugin)
@@ -170,6 +179,13 @@ class Pipeline:
         """Whether the host must call ``backward(create_graph=True)``."""
         return any(getattr(p, "needs_create_graph", False)
                    for p in self._hooks.instances.values())
+
+    def _gradient_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters whose gradient norms the first request of a step computes."""
+        if self._model_parameters is None:
+            model = self.run.model
+            self._model_parameters = [] if model is None else list(model.parameters())
+        return self._model_parameters
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         """Learnable parameters owned by plugins, for the host's optimizer."""
@@ -411,8 +427,11 @@ class Pipeline:
         """Gradients are complete: call ``after_backward`` and say whether to step.
 
         Call once per optimizer step, after the backward of the last micro-batch. Under
-        ``torch.distributed`` the decision is made the same on every rank (one all-reduce
-        that stays on the device).
+        ``torch.distributed`` ``ctx.step_loss`` becomes the mean over the ranks before the
+        hooks run, and the decision is made the same on every rank (two all-reduces of one
+        element each, which stay on the device). The plugins share one computation of the
+        gradients' norms (``ctx.gradient_norms``), dropped after each plugin that rescales
+        gradients.
         """
         ctx = self._open_step("after_backward")
         if self._outcome is not None:
@@ -433,9 +452,16 @@ class Pipeline:
                 "loss = pipe.compute_loss(task_loss) instead of the task loss alone"
             )
         self._flush_metrics(ctx)
-        self._call("after_backward", ctx)
+        distributed = _world_size() > 1
+        if distributed and ctx.loss_sum is not None:
+            ctx.loss_sum = _mean_over_ranks(ctx.loss_sum)
+        ctx.norm_cache = GradientNorms(self._gradient_parameters)
+        try:
+            self._call("after_backward", ctx)
+        finally:
+            ctx.norm_cache = None
         outcome = StepOutcome(tuple(ctx.skip_requests))
-        if _world_size() > 1:
+        if distributed:
             outcome.agree()
         self._outcome = outcome
         return outcome

@@ -46,7 +46,8 @@ class Plugin:
     #: patterns other than the defaults is refused (they would do nothing).
     uses_filter: ClassVar[bool] = True
     #: Whether ``after_backward`` rescales the gradients (clipping): a trainer's own clipping
-    #: would then clip twice, and adapters refuse the combination.
+    #: would then clip twice, and adapters refuse the combination; the shared gradient norms
+    #: (``ctx.gradient_norms``) are computed afresh for the plugins after it.
     rescales_gradients: ClassVar[bool] = False
     #: Whether an instance whose patterns select nothing is fine (the technique then acts
     #: on nothing); by default :meth:`VariableFilter.select` refuses an empty selection.

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib import metadata
 
 import attrs
-import structlog
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from ._version import __version__
 from .errors import RegistryError, suggest
 from .hook_table import check_hooks
+from .logs import get_logger
 from .plugin import Plugin
 
 GROUP = "steadytrain.plugins"
@@ -32,7 +32,7 @@ AUTOLOAD_ENV = "STEADYTRAIN_DISABLE_PLUGIN_AUTOLOAD"
 ALLOW_ENV = "STEADYTRAIN_ALLOW_PLUGINS"
 OWN_DISTRIBUTION = "steadytrain"
 
-log = structlog.get_logger("steadytrain")
+log = get_logger()
 
 
 #: Keys of a config entry that the core reads; a plugin option of the same name would be
@@ -74,6 +74,54 @@ def validate_plugin_class(factory: object, name: str) -> type[Plugin]:
             )
     check_hooks(factory)
     return factory
+
+
+@attrs.frozen
+class Found:
+    """An entry point of a group, and the distribution that declares it."""
+
+    name: str
+    value: str
+    distribution: str
+    version: str
+    entry_point: metadata.EntryPoint
+
+
+def find_entry_points(
+    group: str, wanted: Callable[[str, str], bool], *, path: list[str] | None = None,
+) -> tuple[dict[str, list[Found]], set[str]]:
+    """The entry points of *group* that ``wanted(distribution, name)`` accepts, by name.
+
+    Each name maps to every distribution that declares it (more than one is a conflict:
+    :func:`claimed_by_several`). Also returns every distribution name (as written and
+    canonical) and entry-point name of the group seen, for messages. Only the first copy
+    of a distribution on the path (*path*, default ``sys.path``) is read: Python imports
+    that one, and a stale copy further down is shadowed, its entry points too.
+    """
+    found: dict[str, list[Found]] = {}
+    known: set[str] = set()
+    seen: set[str] = set()
+    for dist in metadata.distributions(**({"path": path} if path is not None else {})):
+        dist_name = dist.metadata["Name"] or "?"
+        key = dist_name.lower().replace("-", "_")
+        if key in seen:
+            continue
+        seen.add(key)
+        entry_points = dist.entry_points.select(group=group)
+        known.update([dist_name, canonicalize_name(dist_name), *entry_points.names])
+        for ep in entry_points:
+            if wanted(dist_name, ep.name):
+                found.setdefault(ep.name, []).append(
+                    Found(ep.name, ep.value, dist_name, dist.version, ep))
+    return found, known
+
+
+def claimed_by_several(claims: list[Found]) -> str | None:
+    """The error of a name that several distributions declare; ``None`` for one."""
+    if len(claims) < 2:
+        return None
+    return "the name is claimed by several distributions: " + " and ".join(
+        f"{c.distribution} {c.version} ({c.value})" for c in claims)
 
 
 @attrs.define(eq=False)
@@ -143,34 +191,18 @@ class Registry:
         elif autoload is None:
             autoload = not os.environ.get(AUTOLOAD_ENV)
         permitted = allowed | {canonicalize_name(n) for n in allowed}
-        known: set[str] = set()
+
+        def wanted(distribution: str, name: str) -> bool:
+            return (autoload or distribution == OWN_DISTRIBUTION or name in permitted
+                    or canonicalize_name(distribution) in permitted)
+
+        found, known = find_entry_points(GROUP, wanted, path=path)
         registry = cls()
-        claims: dict[str, list[PluginEntry]] = {}
-        seen: set[str] = set()
-        for dist in metadata.distributions(**({"path": path} if path is not None else {})):
-            dist_name = dist.metadata["Name"] or "?"
-            # Python imports the first copy of a distribution on the path; later copies
-            # (a stale install further down) are shadowed, and so are their entry points.
-            key = dist_name.lower().replace("-", "_")
-            if key in seen:
-                continue
-            seen.add(key)
-            entry_points = dist.entry_points.select(group=GROUP)
-            known.update([dist_name, canonicalize_name(dist_name), *entry_points.names])
-            read_all = (autoload or dist_name == OWN_DISTRIBUTION
-                        or canonicalize_name(dist_name) in permitted)
-            for ep in entry_points:
-                if not (read_all or ep.name in permitted):
-                    continue
-                entry = PluginEntry(ep.name, dist_name, dist.version, ep.value, entry=ep)
-                claims.setdefault(ep.name, []).append(entry)
-        for name, entries in claims.items():
-            entry = entries[0]
-            if len(entries) > 1:
-                owners = " and ".join(f"{e.distribution} {e.version} ({e.entry_point})"
-                                      for e in entries)
-                entry.error = f"the name is claimed by several distributions: {owners}"
-            registry._entries[name] = entry
+        for name, claims in found.items():
+            first = claims[0]
+            registry._entries[name] = PluginEntry(
+                name, first.distribution, first.version, first.value, entry=first.entry_point,
+                error=claimed_by_several(claims))
         for name in sorted(allowed):
             if name not in known and canonicalize_name(name) not in known:
                 raise RegistryError(

@@ -158,3 +158,15 @@ Schedule = Union[Constant, LinearWarmup, CosineWarmup, CosineCurriculum, Piecewi
 SCHEDULES: dict[str, type] = {
     cls.kind: cls for cls in (Constant, LinearWarmup, CosineWarmup, CosineCurriculum, Piecewise)
 }
+
+
+def numbers_as_constant(value: object) -> object:
+    """A number as a :class:`Constant` schedule; anything else as it is.
+
+    The converter of a plugin option typed :data:`Schedule`, so that ``Config(option=2.0)``
+    in Python holds what a config's ``option = 2.0`` structures into; a validator judges
+    whatever else it is given.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return Constant(float(value))
+    return value

@@ -19,11 +19,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import structlog
+from .logs import get_logger
 
 TRACE_ENV = "STEADYTRAIN_TRACE"
 
-log = structlog.get_logger("steadytrain")
+log = get_logger()
 
 
 def enabled() -> bool:

@@ -44,14 +44,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
-import structlog
 import torch
 
 import steadytrain
 from steadytrain.nn import consolidating_modules
 from steadytrain.validators import boolean, non_negative_int
 
-log = structlog.get_logger("steadytrain")
+log = steadytrain.get_logger()
 
 Record = Callable[[str, torch.Tensor | float], None]
 

@@ -5,9 +5,12 @@ What it does
     parameters no group claims form the group ``default``) and, after the backward of each
     optimizer step, scales the gradients of every group whose total norm exceeds its
     ``max_norm`` down to that norm, as ``torch.nn.utils.clip_grad_norm_`` would do for the
-    group alone. Each group's norm is torch's ``get_total_norm`` and its gradients are
-    scaled by torch's ``clip_grads_with_norm_`` (one fused call each), with the norm kept
-    as a device tensor: the host never waits for the device. Three modes:
+    group alone. Each group's norm is its total norm as torch's ``get_total_norm`` takes
+    it, combined from the per-tensor norms the step's plugins share
+    (``ctx.gradient_norm``: one fused pass over the gradients serves the guard, the
+    clipping and the metrics alike), and its gradients are scaled by torch's
+    ``clip_grads_with_norm_`` (one fused call each), with the norm kept as a device
+    tensor: the host never waits for the device. Three modes:
 
     ``norm``
         The threshold is ``max_norm``.
@@ -57,9 +60,13 @@ Caveats
     Every parameter belongs to exactly one group: patterns of two groups that match the
     same parameter are a config error. Gradients of one instance must be on one device.
     Non-finite gradients make the coefficient NaN, as with ``clip_grad_norm_``: put a
-    non-finite guard before the optimizer step. ``agc`` computes the unit norms of each
-    matrix with a kernel of its own (no fused kernel reduces over a dimension), and its
-    post-clip norm costs one more fused pass over the gradients. Under gradient scaling
+    non-finite guard before the optimizer step. ``agc`` needs the unit norms of weights
+    and gradients, which no fused kernel computes over many tensors: tensors of up to 2²⁰
+    elements are stacked with the others of their shape (two norms, one scaling and a
+    copy back per stack), larger ones take two norm kernels and a scaling each. With
+    ``norm_type`` 2 its pre- and post-clip group norms come from the unit norms, without
+    a pass over the gradients; other norm types take a fused pass before and after. It
+    is slower than the other modes (see the benchmarks). Under gradient scaling
     (AMP), unscale before ``after_backward``. Sharded parameters (FSDP2's DTensors): a
     group's norm covers every rank's shard, so all ranks clip by the norm of the whole
     gradient, as one process would (one all-reduce per group); ``agc`` needs the rows of
@@ -104,24 +111,16 @@ def _splits_rows(tensor: torch.Tensor) -> bool:
 
 
 def total_norm(grads: Sequence[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
-    """torch's ``get_total_norm`` of *grads*, over every rank's shard of sharded gradients.
+    """torch's ``get_total_norm`` of *grads* (in float32), over every rank's shard of
+    sharded gradients.
 
-    The gradients of a model sharded with FSDP2 (``fully_shard``) are DTensors; the norm
-    of a DTensor is reduced across its device mesh, so every rank gets the norm of the
-    whole gradient as a plain tensor. Gradients on different meshes, and plain ones, are
-    combined as the norm of their norms.
+    The gradients of a model sharded with FSDP2 (``fully_shard``) are DTensors; their
+    norms are reduced across the device mesh
+    (:func:`steadytrain.grad_norms.tensor_norms`), so every rank gets the norm of the
+    whole gradient as a plain tensor.
     """
-    dtensor = _dtensor_class()
-    if dtensor is None or not any(isinstance(g, dtensor) for g in grads):
-        return torch.nn.utils.get_total_norm(list(grads), norm_type, foreach=True)
-    by_mesh: dict[Any, list[torch.Tensor]] = {}
-    for grad in grads:
-        by_mesh.setdefault(getattr(grad, "device_mesh", None), []).append(grad)
-    norms = [torch.nn.utils.get_total_norm(part, norm_type, foreach=True)
-             for part in by_mesh.values()]
-    # full_tensor() reduces a partial norm across the mesh (a no-op on a replicated one).
-    norms = [n.full_tensor() if isinstance(n, dtensor) else n for n in norms]
-    return torch.nn.utils.get_total_norm(norms, norm_type, foreach=True)
+    norms = steadytrain.grad_norms.tensor_norms(list(grads), norm_type)
+    return steadytrain.grad_norms.total_norm(norms, norm_type)
 
 
 def grad_group_norms(
@@ -193,7 +192,8 @@ def _vector_norms(vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _unit_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The norm of every output unit: of each row along dimension 0, or of a whole vector.
+    """The 2-norm of every output unit: of each row along dimension 0 (shaped to broadcast
+    against the tensor), or of a whole 0- or 1-dimensional tensor (0-d).
 
     For a DTensor sharded along dimension 0 (FSDP2's layout) the rows of this rank's shard
     are whole, so its unit norms are those of the local rows.
@@ -208,7 +208,83 @@ def _unit_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     ]
 
 
+#: Tensors of at most this many elements are clipped in stacks with others of their shape
+#: (at most ``_STACK_BYTES`` a stack): stacking costs passes over their bytes, but their
+#: time goes into launches, three a tensor otherwise (two norms and the scaling).
+_STACK_NUMEL = 2**20
+_STACK_BYTES = 2**26
+
+
+def _stacks(tensors: Sequence[torch.Tensor]) -> tuple[list[int], list[list[int]]]:
+    """Positions of the tensors clipped alone, and of those clipped in stacks.
+
+    DTensors are clipped alone: a rank's shards of one shape may differ from another's,
+    and the norm of a sharded vector needs every rank's shard.
+    """
+    dtensor = _dtensor_class()
+    alone: list[int] = []
+    by_kind: dict[tuple[Any, ...], list[int]] = {}
+    for index, t in enumerate(tensors):
+        if t.numel() > _STACK_NUMEL or (dtensor is not None and isinstance(t, dtensor)):
+            alone.append(index)
+        else:
+            by_kind.setdefault((tuple(t.shape), t.dtype, t.device), []).append(index)
+    stacks = []
+    for indices in by_kind.values():
+        size = max(1, _STACK_BYTES // max(1, tensors[indices[0]].nbytes))
+        stacks.extend(indices[i:i + size] for i in range(0, len(indices), size))
+    alone.extend(i for stack in stacks if len(stack) == 1 for i in stack)
+    return alone, [stack for stack in stacks if len(stack) > 1]
+
+
+def _stacked_unit_norms(stacked: torch.Tensor) -> torch.Tensor:
+    """The unit norms of each tensor in *stacked* (tensors along dimension 0), shaped to
+    broadcast against it: of each row of a matrix, of a whole vector, of a scalar."""
+    if stacked.ndim == 1:
+        return stacked.abs()
+    first = 1 if stacked.ndim == 2 else 2
+    return torch.linalg.vector_norm(stacked, dim=tuple(range(first, stacked.ndim)),
+                                    keepdim=True)
+
+
 @torch.no_grad()
+def _unitwise_clip_(
+    params: Sequence[torch.Tensor], clipping: float, eps: float
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """AGC of *params* (all with gradients); returns the unit norms of the gradients
+    before clipping and the factors they were scaled by (as lists of like tensors)."""
+    grads = [p.grad for p in params]
+    alone, stacks = _stacks(params)
+    stacked_grads = [torch.stack([grads[i] for i in stack]) for stack in stacks]
+    factors = [*_unit_norms([params[i] for i in alone]),
+               *(_stacked_unit_norms(torch.stack([params[i] for i in stack]))
+                 for stack in stacks)]
+    grad_norms = [*_unit_norms([grads[i] for i in alone]),
+                  *(_stacked_unit_norms(g) for g in stacked_grads)]
+    torch._foreach_clamp_min_(factors, eps)
+    torch._foreach_mul_(factors, clipping)
+    torch._foreach_div_(factors, torch._foreach_clamp_min(grad_norms, 1e-6))
+    torch._foreach_clamp_max_(factors, 1.0)
+    # Shapes differ within each pair: one launch a tensor, issued from one call.
+    for scaled, by in (([_local(grads[i]) for i in alone], factors[:len(alone)]),
+                       (stacked_grads, factors[len(alone):])):
+        if scaled:
+            torch._foreach_mul_(scaled, by)
+    for stack, scaled in zip(stacks, stacked_grads, strict=True):
+        torch._foreach_copy_([grads[i] for i in stack], list(scaled.unbind(0)))
+    return grad_norms, factors
+
+
+def _check_rows_whole(params: Sequence[torch.Tensor]) -> None:
+    split = [p for p in params if _splits_rows(p)]
+    if split:
+        raise steadytrain.ConfigError(
+            f"unitwise_clip_grad_: a parameter of shape {tuple(split[0].shape)} has its rows "
+            f"split across ranks (placements {split[0].placements}); AGC needs whole rows on "
+            "each rank: shard along dimension 0 (FSDP2's default)"
+        )
+
+
 def unitwise_clip_grad_(
     parameters: Iterable[torch.Tensor], clipping: float = 0.01, eps: float = 1e-3
 ) -> None:
@@ -220,24 +296,9 @@ def unitwise_clip_grad_(
     rows whole on each rank, as FSDP2 does.
     """
     params = [p for p in parameters if p.grad is not None]
-    if not params:
-        return
-    split = [p for p in params if _splits_rows(p)]
-    if split:
-        raise steadytrain.ConfigError(
-            f"unitwise_clip_grad_: a parameter of shape {tuple(split[0].shape)} has its rows "
-            f"split across ranks (placements {split[0].placements}); AGC needs whole rows on "
-            "each rank: shard along dimension 0 (FSDP2's default)"
-        )
-    grads = [p.grad for p in params]
-    factors = _unit_norms(params)
-    grad_norms = _unit_norms(grads)
-    torch._foreach_clamp_min_(factors, eps)
-    torch._foreach_mul_(factors, clipping)
-    torch._foreach_clamp_min_(grad_norms, 1e-6)
-    torch._foreach_div_(factors, grad_norms)
-    torch._foreach_clamp_max_(factors, 1.0)
-    torch._foreach_mul_([_local(g) for g in grads], factors)
+    _check_rows_whole(params)
+    if params:
+        _unitwise_clip_(params, clipping, eps)
 
 
 @attrs.frozen
@@ -328,6 +389,10 @@ class GradClip(steadytrain.Plugin):
             )
         device = next((p[0].device for p in self.params), torch.device("cpu"))
         self._device = device
+        dtensor = _dtensor_class()
+        self._sharded = dtensor is not None and any(
+            isinstance(p, dtensor) for params in self.params for p in params)
+        self._zero = torch.zeros((), device=device)
         self._max_norms = torch.tensor([g.max_norm for g in self.groups], device=device)
         self._norm_types = [g.norm_type for g in self.groups]
         self.mean = torch.zeros(len(self.groups), device=device)
@@ -336,12 +401,13 @@ class GradClip(steadytrain.Plugin):
     @steadytrain.hookimpl
     def after_backward(self, ctx: steadytrain.StepContext) -> None:
         grads = [_grads(params) for params in self.params]
-        norms = grad_group_norms(grads, self._norm_types, device=self._device)
         if self.config.mode == "agc":
-            for group, params in zip(self.groups, self.params, strict=True):
-                unitwise_clip_grad_(params, group.clipping, self.config.eps)
-            after = grad_group_norms(grads, self._norm_types, device=self._device)
+            norms, after = self._clip_unitwise(grads)
         else:
+            # The norms every plugin of the step shares (a guard before this one took them).
+            norms = torch.stack([ctx.gradient_norm(params, norm_type=norm_type)
+                                 for params, norm_type in zip(self.params, self._norm_types,
+                                                              strict=True)])
             limits = self._max_norms
             if self.config.mode == "adaptive":
                 limits = self._adaptive_limits(norms)
@@ -363,6 +429,30 @@ class GradClip(steadytrain.Plugin):
             ctx.log(f"{group.name}/post_norm", after[index])
             if self.config.mode == "adaptive":
                 ctx.log(f"{group.name}/threshold", limits[index])
+
+    def _clip_unitwise(
+        self, grads: list[list[torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """AGC of every group; the groups' norms before and after it."""
+        derived = all(t == 2.0 for t in self._norm_types) and not self._sharded
+        if not derived:
+            norms = grad_group_norms(grads, self._norm_types, device=self._device)
+        before, after = [], []
+        for group, params in zip(self.groups, self.params, strict=True):
+            params = [p for p in params if p.grad is not None]
+            if not params:
+                before.append(self._zero)
+                after.append(self._zero)
+                continue
+            grad_norms, factors = _unitwise_clip_(params, group.clipping, self.config.eps)
+            if derived:
+                # The group's 2-norm is the 2-norm of its unit norms: no pass over the
+                # gradients, before or after the scaling.
+                before.append(total_norm(grad_norms).float())
+                after.append(total_norm(torch._foreach_mul(factors, grad_norms)).float())
+        if not derived:
+            return norms, grad_group_norms(grads, self._norm_types, device=self._device)
+        return torch.stack(before), torch.stack(after)
 
     def _adaptive_limits(self, norms: torch.Tensor) -> torch.Tensor:
         config = self.config

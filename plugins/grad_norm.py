@@ -17,7 +17,11 @@ Source
     norm among the metrics that confirm a run is stable.
 
 Caveats
-    Parameters without a gradient this step are left out. Under gradient scaling (AMP)
+    The instance runs last in ``after_backward``, so it records the gradients the
+    optimizer gets: after clipping. Its norm is taken from the norms the step's plugins
+    share (``ctx.gradient_norm``); when a clipping plugin ran before it, that means one
+    fused pass over the clipped gradients. Parameters without a gradient this step are
+    left out. Under gradient scaling (AMP)
     the norm is of the scaled gradients unless the host unscales before
     ``after_backward``.
 """
@@ -56,4 +60,4 @@ class GradNorm(steadytrain.Plugin):
 
     @steadytrain.hookimpl(trylast=True)
     def after_backward(self, ctx: steadytrain.StepContext) -> None:
-        ctx.log("norm", grad_norm(self.params, self.config.norm_type))
+        ctx.log("norm", ctx.gradient_norm(self.params, norm_type=self.config.norm_type))

@@ -57,11 +57,14 @@ Caveats
     (``docs/gradient_penalty.md``); memory grows by the gradient's graph. Every
     operation between the input and the output must be twice differentiable: some fused
     kernels are not (e.g. the flash and memory-efficient attention backends of
-    ``scaled_dot_product_attention``; use the math backend inside the critic). The class
-    declares ``needs_create_graph = True`` for hosts that must know a term holds a
-    gradient graph; the host still calls a plain ``loss.backward()``: the graph is built
-    by the plugin's own ``autograd.grad(create_graph=True)``. A marked input that does
-    not require grad, or an output that does not depend on it, is an error.
+    ``scaled_dot_product_attention``; use the math backend inside the critic). The host
+    calls a plain ``loss.backward()``: the plugin builds the gradient's graph itself, with
+    ``autograd.grad(create_graph=True)`` in ``compute_regularizers``, and that backward
+    differentiates through it. So the class leaves ``needs_create_graph`` off: that flag
+    asks the host for ``backward(create_graph=True)``, which would make every parameter
+    gradient differentiable too (more memory, and a reference cycle between the
+    parameters and their gradients) for nothing. A marked input that does not require
+    grad, or an output that does not depend on it, is an error.
 """
 
 from __future__ import annotations
@@ -144,7 +147,6 @@ class GradientPenalty(steadytrain.Plugin):
     """Penalize input gradients: R1 on a marked tensor, or WGAN-GP through a bound critic."""
 
     name = "gradient_penalty"
-    needs_create_graph = True
     uses_filter = False
 
     @attrs.frozen

@@ -94,51 +94,52 @@ Caveats
       step then). With :func:`steadytrain.step_optimizer` and plugins that use
       ``ctx.skip_flag``, the guard itself never makes the host wait on an accelerator;
       ``benchmarks/bench_guard.py`` counts the syncs.
-    * Gradients are checked through their float32 2-norms: a finite gradient whose norm
+    * Gradients are checked through their float32 2-norms, the ones the step's plugins
+      share (``ctx.gradient_norms``): the guard adds no pass over the gradients of its
+      own when a clipping plugin takes the same norms. A finite gradient whose norm
       overflows float32 (elements around 1e19) counts as non-finite too.
-    * Under ``torch.distributed`` each rank checks its own gradients (its shards under
-      FSDP); the core all-reduces the decision, so every rank skips the same steps.
+    * Under ``torch.distributed`` each rank checks the gradients it holds (under FSDP2,
+      through the norms of the whole sharded gradients, which every rank shares); the
+      core all-reduces the decision, so every rank skips the same steps. The spike rule
+      judges ``ctx.step_loss``, which the core makes the global batch's loss.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
-import structlog
 import torch
 
 import steadytrain
 from steadytrain.validators import boolean, non_negative_int, one_of, positive_int
 
-log = structlog.get_logger("steadytrain")
+log = steadytrain.get_logger()
 
 #: Order of the skip counters kept on the device (and of ``state_dict()["counters"]``).
 CAUSES = ("skipped", "nonfinite_loss", "nonfinite_grads", "spike")
 
 
+def any_nonfinite(norms: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A boolean scalar tensor: whether any of the gradient *norms* is NaN or infinite."""
+    if not norms:
+        return torch.zeros((), dtype=torch.bool)
+    return ~torch.isfinite(torch.stack(list(norms))).all()
+
+
 def nonfinite_grads(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """A boolean scalar tensor: whether any element of *grads* is NaN or infinite.
 
-    One fused 2-norm per tensor (``torch._foreach_norm``), accumulated and returned in
-    float32 so that half-precision gradients do not overflow: a NaN or inf element makes
-    its norm non-finite. The 2-norm is several times faster than a max-abs reduction on
-    the CPU; the price is that a finite gradient whose 2-norm exceeds the float32 range
-    (elements around 1e19) also counts as non-finite. Sharded gradients (DTensors, under
-    FSDP2) are checked through this rank's shards; the core shares the decision across
-    ranks.
+    Checked through the float32 2-norm of each gradient (one fused kernel,
+    :func:`steadytrain.grad_norms.tensor_norms`): a NaN or inf element makes its norm
+    non-finite. The 2-norm is several times faster than a max-abs reduction on the CPU;
+    the price is that a finite gradient whose 2-norm exceeds the float32 range (elements
+    around 1e19) also counts as non-finite. A sharded gradient (a DTensor, under FSDP2)
+    is checked whole, through the norm every rank shares.
     """
-    if not grads:
-        return torch.zeros((), dtype=torch.bool)
-    # DTensor exists only once something imported torch.distributed.tensor (importing it
-    # here would cost seconds for every run that does not shard).
-    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", ())
-    local = [g.to_local() if isinstance(g, dtensor) else g for g in grads]
-    norms = torch._foreach_norm(local, 2, dtype=torch.float32)
-    return ~torch.isfinite(torch.stack(norms)).all()
+    return any_nonfinite(steadytrain.grad_norms.tensor_norms(list(grads)))
 
 
 def spike_check(
@@ -345,9 +346,10 @@ class Guard(steadytrain.Plugin):
     def after_backward(self, ctx: steadytrain.StepContext) -> None:
         cfg = self.config
         grads_bad = loss_bad = spike = self._false
-        grads = [p.grad for p in self.params if p.grad is not None] if cfg.check_grads else []
-        if grads:
-            grads_bad = nonfinite_grads(grads).to(self.device)
+        # The norms the step's other plugins (clipping, metrics) share: no pass of its own.
+        norms = ctx.gradient_norms(self.params) if cfg.check_grads else []
+        if norms:
+            grads_bad = any_nonfinite(norms).to(self.device)
         if self.needs_loss:
             loss = self.step_loss(ctx)
             finite = torch.isfinite(loss)

@@ -50,7 +50,9 @@ Caveats
     * The oscillation ratio assumes positive losses; non-finite losses are left out of
       the window (and of the trend).
     * The gradient norm is taken ``tryfirst``, before clipping plugins, so it shows the
-      raw gradients; put a ``grad_norm`` instance last for the clipped ones.
+      raw gradients; put a ``grad_norm`` instance last for the clipped ones. It comes from
+      the norms the step's plugins share (``ctx.gradient_norms``), at no extra pass over
+      the gradients when a guard or a clipping plugin takes them too.
     * The gate entropy is the entropy of each distribution over the last dimension,
       averaged (``torch.special.entr``), so that it can be compared with
       ``ln(number of choices)``; the document sums over the whole batch. The gates are
@@ -69,14 +71,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
-import structlog
 import torch
 
 import steadytrain
 from steadytrain.nn import consolidating_modules
 from steadytrain.validators import non_negative, norm_order, optional, positive_int
 
-log = structlog.get_logger("steadytrain")
+log = steadytrain.get_logger()
 
 #: Earlier checks the run's own floors need before a warning.
 FLOOR_CHECKS = 3
@@ -231,10 +232,10 @@ class StabilityMonitor(steadytrain.Plugin):
 
     @steadytrain.hookimpl(tryfirst=True)
     def after_backward(self, ctx: steadytrain.StepContext) -> None:
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads, self.config.norm_type, foreach=True)
-            norm = norm.to(self.device, torch.float32)
+        norm_type = self.config.norm_type
+        norms = ctx.gradient_norms(self.params, norm_type=norm_type)  # shared with the step
+        if norms:
+            norm = steadytrain.grad_norms.total_norm(norms, norm_type).to(self.device)
             stats = self.grad_stats
             torch.maximum(stats[0], norm, out=stats[0])
             stats[1:] += torch.stack([norm, torch.ones_like(norm)])

@@ -1,8 +1,10 @@
 import math
 
+import attrs
 import pytest
 
 from steadytrain import OptionError, schedules
+from steadytrain.config import converter
 
 
 def test_constant():
@@ -57,3 +59,32 @@ def test_invalid_schedules_name_the_option(make, option):
     with pytest.raises(OptionError) as info:
         make()
     assert info.value.option == option
+
+
+
+@attrs.frozen
+class _Options:
+    rate: schedules.Schedule = attrs.field(default=1.0,
+                                           converter=schedules.numbers_as_constant)
+
+
+@pytest.mark.parametrize(("schedule", "plain"), [
+    (schedules.Constant(0.5), 0.5),
+    (schedules.LinearWarmup(value=2.0, warmup_steps=4, start=1.0),
+     {"kind": "linear_warmup", "value": 2.0, "warmup_steps": 4, "start": 1.0}),
+    (schedules.CosineWarmup(value=1.0, warmup_steps=10, start=3.0),
+     {"kind": "cosine_warmup", "value": 1.0, "warmup_steps": 10, "start": 3.0}),
+    (schedules.CosineCurriculum(value=3.0, horizon_steps=8),
+     {"kind": "cosine_curriculum", "value": 3.0, "horizon_steps": 8}),
+    (schedules.Piecewise(boundaries=(10, 20), values=(0.0, 0.5, 1.0)),
+     {"kind": "piecewise", "boundaries": [10, 20], "values": [0.0, 0.5, 1.0]}),
+], ids=lambda s: getattr(s, "kind", ""))
+def test_a_schedule_valued_option_round_trips_through_plain_data(schedule, plain):
+    assert converter.unstructure(_Options(schedule)) == {"rate": plain}
+    assert converter.structure({"rate": plain}, _Options) == _Options(schedule)
+
+
+def test_a_number_for_a_schedule_valued_option_is_a_constant_schedule():
+    assert _Options(2).rate == schedules.Constant(2.0)
+    assert converter.structure({"rate": 2}, _Options) == _Options(2.0)
+    assert _Options("fast").rate == "fast"  # left for the option's validator to refuse

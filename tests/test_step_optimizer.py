@@ -250,10 +250,19 @@ def test_a_fused_optimizer_follows_a_device_flag_without_a_host_sync_on_cuda(opt
     assert_same(snapshot(model, opt), expected)
 
 
+#: The decision as the host may hold it on CUDA: a device flag, or known on the host.
+ON_CUDA = {
+    "device flag": lambda skip: request(torch.tensor(skip, device="cuda")),
+    "host decision": lambda skip: request(skip),
+    "bool": lambda skip: skip,
+}
+
+
 @cuda
+@pytest.mark.parametrize("outcome", ON_CUDA)
 @pytest.mark.parametrize("skip", [True, False], ids=["skip", "step"])
-def test_a_grad_scaler_driving_a_fused_adamw_takes_a_device_flag_without_a_host_sync_on_cuda(
-    skip,
+def test_a_grad_scaler_driving_a_fused_adamw_takes_the_decision_without_a_host_sync_on_cuda(
+    skip, outcome
 ):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2).cuda()
@@ -263,9 +272,11 @@ def test_a_grad_scaler_driving_a_fused_adamw_takes_a_device_flag_without_a_host_
         scaler.scale(model(torch.randn(5, 4, device="cuda")).pow(2).mean()).backward()
         scaler.unscale_(opt)
         weights = copy.deepcopy(model.state_dict())
+        # Made outside: torch.tensor(..., device="cuda") copies from pageable host memory,
+        # which waits for the device.
+        decision = ON_CUDA[outcome](skip and step == 1)
         with no_host_sync() if step else nullcontext():  # the first step reads the flag once
-            step_optimizer(opt, request(torch.tensor(skip and step == 1, device="cuda")),
-                           scaler=scaler)
+            step_optimizer(opt, decision, scaler=scaler)
             scaler.update()
         opt.zero_grad()
     assert (scaler.get_scale() == 512.0) == skip

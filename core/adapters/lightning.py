@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import structlog
 import torch
 
 from steadytrain import (
@@ -49,11 +48,12 @@ from steadytrain import (
     StepContext,
     StepOutcome,
     UsageError,
+    get_logger,
 )
 
 __all__ = ["PipelineCallback", "PipelineLossMixin"]
 
-log = structlog.get_logger("steadytrain")
+log = get_logger()
 
 #: Plugins that clip gradients; Lightning's own clipping would clip them a second time.
 #: The checkpoint entry that ``save_eval_weights`` adds.

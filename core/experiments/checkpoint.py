@@ -19,6 +19,7 @@ import torch
 from ..errors import CheckpointError
 
 FORMAT = 1
+CHECKPOINT = "checkpoint.pt"
 
 
 def _replace(path: Path, write: Any) -> None:

@@ -19,9 +19,10 @@ from typing import Any
 
 from ..errors import ConfigError
 from . import demo as demo_configs
+from .checkpoint import load_checkpoint
 from .compare import INTERRUPTED, MARKER, compare, lr_sweep
 from .events import configure
-from .loop import EVENTS, train
+from .loop import CHECKPOINT, CONFIG, EVENTS, train
 from .models import model_options
 from .progress import Progress
 from .settings import load_experiment
@@ -46,6 +47,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         summary = train(config, out, resume=args.resume, overwrite=args.overwrite,
                         threads=args.threads, progress=progress)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training: no clean stop
+        if progress is not None:
+            progress.close()
+        if (out / CHECKPOINT).exists():
+            kept = (f"the checkpoint of step {load_checkpoint(out / CHECKPOINT)['step']} is "
+                    f"kept; resume with: steadytrain run {args.config} --out {out} --resume")
+        else:
+            again = " with --overwrite" if (out / CONFIG).exists() else ""
+            kept = f"no checkpoint was written yet; start again{again}"
+        print(f"{out}: stopped at once (Ctrl-C): {kept}", file=sys.stderr)
+        return INTERRUPTED
     finally:
         restore()
     print(f"{out}: {summary['status']} after {summary['steps_done']} steps; "

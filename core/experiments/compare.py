@@ -161,6 +161,18 @@ def finished_summary(run: Planned) -> dict[str, Any] | None:
     return summary
 
 
+def _changes(run: Planned) -> str:
+    """What differs between *run*'s config and the one its directory started with ('' if
+    nothing does, or the directory holds no run)."""
+    try:
+        saved = json.loads((run.out / CONFIG).read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError):
+        return ""
+    return "; ".join(line.replace(" in the checkpoint, ", " in the run, ")
+                     .replace(" now", " in this command")
+                     for line in differences(saved, run.config.to_dict()))
+
+
 def check_report_options(runs: Sequence[Planned]) -> None:
     """Refuse a ``--report`` whose options differ from those its runs ended with.
 
@@ -170,15 +182,21 @@ def check_report_options(runs: Sequence[Planned]) -> None:
     for run in runs:
         try:
             summary = json.loads((run.out / SUMMARY).read_text(encoding="utf-8"))
-            saved = json.loads((run.out / CONFIG).read_text(encoding="utf-8"))["config"]
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError):
             continue
-        changed = differences(saved, run.config.to_dict())
-        if summary.get("status") != "interrupted" and changed:
-            listed = "; ".join(line.replace(" in the checkpoint, ", " in the run, ")
-                               .replace(" now", " in this command") for line in changed)
-            raise RunError(f"{run.out}: this run ended with another config ({listed}); "
+        if summary.get("status") != "interrupted" and (changed := _changes(run)):
+            raise RunError(f"{run.out}: this run ended with another config ({changed}); "
                            "pass --report the configs and options the comparison ran with")
+
+
+def check_resumable(runs: Sequence[Planned]) -> None:
+    """Refuse a ``--resume`` that would continue a run with another config than it started
+    with (each such run would fail on its own, and count as diverged), before any runs."""
+    for run in runs:
+        if changed := _changes(run):
+            raise RunError(f"{run.out}: this run started with another config ({changed}), so "
+                           "--resume cannot continue it; resume with the configs and options "
+                           "the comparison started with, or start anew in another --out")
 
 
 def command(run: Planned, *, threads: int, model: str | None,
@@ -450,6 +468,8 @@ def compare(
         check_report_options(runs)
         outcomes = [Outcome(r, summary=finished_summary(r)) for r in runs]
     else:
+        if resume:
+            check_resumable(runs)
         prepare_directory(out, runs, resume=resume, overwrite=overwrite)
         jobs = jobs or max(1, (os.cpu_count() or 1) // threads)
         bar = Progress("compare", len(runs)) if progress else None

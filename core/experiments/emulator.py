@@ -187,6 +187,8 @@ class Emulator(torch.nn.Module):
 class EmulationTask:
     """Training windows of the simulation, the rollout loss, and the emulator's evaluation."""
 
+    task_weight: float = 1.0
+
     def __init__(self, options: EmulatorOptions, *, batch_size: int, seed: int,
                  device: torch.device) -> None:
         self.options, self.batch_size, self.seed, self.device = options, batch_size, seed, device

@@ -76,18 +76,28 @@ class GPT(nn.Module):
         self.head = nn.Linear(options.width, vocab)
         init_gpt2_(self)
 
-    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        """The final block's output, before the last LayerNorm."""
+    def block_states(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """Every block's output, first to last; the last one is :meth:`hidden`."""
         if ids.shape[-1] > self.context:
             raise ValueError(f"GPT: sequences of {ids.shape[-1]} tokens are longer than the "
                              f"context of {self.context}")
         x = self.embed(ids) + self.position(torch.arange(ids.shape[-1], device=ids.device))
+        states = []
         for block in self.blocks:
             x = block(x)
-        return x
+            states.append(x)
+        return states
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """The final block's output, before the last LayerNorm."""
+        return self.block_states(ids)[-1]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-byte logits of the final block's output."""
+        return self.head(self.norm(hidden))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(self.hidden(ids)))
+        return self.logits(self.hidden(ids))
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,8 @@ The run directory holds:
 * ``checkpoint.pt``: model, optimizer, pipeline and random-number states every
   ``checkpoint_every`` steps, at Ctrl-C and at the end, written atomically;
 * ``summary.json``: the run's measures when it ends (see :func:`summarize`);
+* ``metadata.json``: versions, plugin origins and the resolved config (see
+  :mod:`~steadytrain.experiments.metadata`);
 * ``events.jsonl``: the structlog events, when run from the command line.
 
 The loop measures what it compares across pipelines itself, the same way for every
@@ -31,28 +33,28 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import structlog
 import torch
 
 from .._version import __version__
 from ..errors import ConfigError, SteadytrainError, TrainingError
+from ..logs import get_logger
 from ..optimizer_step import step_optimizer
 from ..param_groups import param_groups
 from ..pipeline import Pipeline
 from . import measures
-from .checkpoint import FORMAT, load_checkpoint, save_atomic, write_json_atomic
+from .checkpoint import CHECKPOINT, FORMAT, load_checkpoint, save_atomic, write_json_atomic
+from .metadata import record_metadata
 from .models import Task, build_task
 from .progress import Progress
 from .settings import ExperimentConfig, TrainSettings
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
-CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"
 EVENTS = "events.jsonl"
 SERIES = ("loss", "grad_norm", "logit_max", "attention_logit_max", "skipped")
 
-log = structlog.get_logger("steadytrain.experiments")
+log = get_logger("steadytrain.experiments")
 
 
 class RunError(SteadytrainError):
@@ -62,22 +64,30 @@ class RunError(SteadytrainError):
 # -- the optimizer and its schedule ---------------------------------------------------------
 
 
-def build_optimizer(model: torch.nn.Module, config: ExperimentConfig,
-                    extra: Sequence[torch.nn.Parameter] = ()) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, config: ExperimentConfig) -> torch.optim.Optimizer:
     """The optimizer of *config* over the model's parameter groups (the pipeline config's
-    ``param_groups``) and the pipeline's own parameters."""
+    ``param_groups``)."""
     train = config.train
     groups = param_groups(model, config.pipeline.param_groups, lr=train.lr,
                           weight_decay=train.weight_decay)
-    if extra:
-        groups.append({"params": list(extra), "lr": train.lr,
-                       "weight_decay": train.weight_decay, "name": "pipeline"})
     for group in groups:
         group["base_lr"] = group["lr"]
     if train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
     kind = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
     return kind(groups, lr=train.lr, betas=train.betas)
+
+
+def add_pipeline_parameters(optimizer: torch.optim.Optimizer, pipe: Pipeline,
+                            train: TrainSettings) -> None:
+    """The pipeline's own parameters (learnt layer weights, ...) as one more group at
+    ``train.pipeline_lr`` (or ``train.lr``), without weight decay; they exist once the
+    pipeline is set up."""
+    params = list(pipe.parameters())
+    if params:
+        lr = train.lr if train.pipeline_lr is None else train.pipeline_lr
+        optimizer.add_param_group({"params": params, "lr": lr, "base_lr": lr,
+                                   "weight_decay": 0.0, "name": "pipeline"})
 
 
 def lr_factor(step: int, train: TrainSettings) -> float:
@@ -239,9 +249,10 @@ def train(
     task = build_task(config, device)
     model = task.build_model().to(device)
     pipe = Pipeline.from_config(config.pipeline)
-    optimizer = build_optimizer(model, config, list(pipe.parameters()))
+    optimizer = build_optimizer(model, config)
     task.prepare(pipe)
     pipe.setup(model, optimizer, total_steps=train_settings.steps)
+    add_pipeline_parameters(optimizer, pipe, train_settings)
     try:
         return _run(config, plain, out, task, model, pipe, optimizer, resuming, progress)
     finally:
@@ -282,6 +293,7 @@ def _run(config: ExperimentConfig, plain: dict[str, Any], out: Path, task: Task,
         start, seconds = 0, 0.0
         log.info("run.started", out=str(out), model=config.model.name, lr=settings.lr,
                  seed=settings.seed, steps=settings.steps, initial_loss=round(initial, 4))
+    record_metadata(out, config, pipe, task.data_sha256, step=start)
 
     def checkpoint(step: int, finished: bool = False) -> None:
         state = {
@@ -353,7 +365,7 @@ def _step(task: Task, model: torch.nn.Module, pipe: Pipeline, optimizer: torch.o
     inputs, targets = task.batch(step)
     ctx = pipe.before_step(batch=inputs, targets=targets)
     loss, outputs = task.loss(model, inputs, targets)
-    total = pipe.compute_loss(loss, outputs=outputs)
+    total = pipe.compute_loss(loss * task.task_weight, outputs=outputs)
     total.backward(create_graph=pipe.needs_create_graph)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else \
@@ -415,9 +427,10 @@ def summarize(config: ExperimentConfig, task: Task, model: torch.nn.Module, pipe
 
     ``final_loss`` is the validation loss of the weights the pipeline evaluates with
     (inside ``pipe.evaluating()``: the average where a plugin keeps one), and
-    ``val_loss_raw`` that of the raw weights. The oscillation ratio is taken over the
-    last fifth of the run (at least 10 steps), and its noise floor from the final raw
-    weights, frozen, on the batches of those same steps.
+    ``val_loss_raw`` that of the raw weights; ``final_metrics`` are the pipeline's metrics
+    of the last log interval. The oscillation ratio is taken over the last fifth of the
+    run (at least 10 steps), and its noise floor from the final raw weights, frozen, on
+    the batches of those same steps.
     """
     lines = read_metrics(out / METRICS)
     losses = series(lines, "loss")
@@ -451,4 +464,5 @@ def summarize(config: ExperimentConfig, task: Task, model: torch.nn.Module, pipe
         "seconds_per_step": seconds / done if done else math.nan,
         "machine": machine(config.train.device),
         "extras": {k: v for k, v in averaged.items() if k != "loss"},
+        "final_metrics": lines[-1]["pipeline"] if lines else {},
     }

@@ -20,15 +20,16 @@ from typing import Any
 
 import attrs
 import torch
-import torch.nn.functional as F
 
 from ..errors import ConfigError, suggest
-from ..pipeline import Pipeline
-from .data import VOCAB, Corpus, load_corpus
+from .data import VOCAB, load_corpus
+from .distillation import DistillationTask, load_teacher
 from .emulator import EmulationTask, EmulatorOptions
 from .gpt import GPT, GPTOptions
+from .language import LanguageTask
 from .memory_lm import MemoryLM, MemoryLMOptions
-from .settings import DataSettings, ExperimentConfig, structure_model_options
+from .settings import ExperimentConfig, structure_model_options
+from .student import StudentGPT, StudentOptions
 
 
 @attrs.frozen
@@ -47,7 +48,12 @@ MODELS: dict[str, BuiltInModel] = {
                               "a byte-level GPT with short- and long-term memory", MemoryLM),
     "emulator": BuiltInModel(EmulatorOptions, "simulation",
                              "a grid emulator with a physics corrector"),
+    "gpt_student": BuiltInModel(StudentOptions, "text",
+                                "the GPT with one low-rank MLP, distilled from a trained gpt",
+                                StudentGPT),
 }
+#: The models that learn from a teacher (a ``[teacher]`` table).
+STUDENTS = ("gpt_student",)
 
 
 def is_user_model(name: str) -> bool:
@@ -109,64 +115,29 @@ def build_user_model(name: str, options: Mapping[str, Any], context: int) -> tor
     return model
 
 
-class LanguageTask:
-    """Next-byte prediction on a corpus: batches, the loss, and the validation loss."""
-
-    def __init__(self, corpus: Corpus, data: DataSettings, *, seed: int,
-                 device: torch.device, factory: Callable[[], torch.nn.Module]) -> None:
-        corpus.require(data.seq_len)
-        self.corpus, self.data, self.seed, self.device = corpus, data, seed, device
-        self.factory = factory
-        self.data_sha256 = corpus.sha256
-        self.val = corpus.validation(data.eval_batches * data.batch_size, data.seq_len)
-        self.val = self.val.to(device)
-
-    def build_model(self) -> torch.nn.Module:
-        return self.factory()
-
-    def prepare(self, pipe: Pipeline) -> None:
-        """Nothing to bind for text."""
-
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = self.corpus.batch(step, self.seed, self.data.batch_size, self.data.seq_len)
-        ids = ids.to(self.device)
-        return ids[:, :-1], ids[:, 1:]
-
-    def loss(self, model: torch.nn.Module, inputs: torch.Tensor,
-             targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        out = model(inputs)
-        logits = out[0] if isinstance(out, tuple) else out
-        expected = (*inputs.shape, VOCAB)
-        if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
-            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
-            raise ConfigError(
-                f"model: the model must return logits of shape {expected} for ids of shape "
-                f"{tuple(inputs.shape)}, got {got}"
-            )
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()), \
-            {"logits": logits}
-
-    @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        """Mean cross-entropy (nats per byte) over the validation windows."""
-        total = 0.0
-        size = self.data.batch_size
-        for start in range(0, len(self.val), size):
-            chunk = self.val[start : start + size]
-            out = model(chunk[:, :-1])
-            logits = out[0] if isinstance(out, tuple) else out
-            total += F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(),
-                                     reduction="sum").item()
-        return {"loss": total / (len(self.val) * self.data.seq_len)}
+Task = LanguageTask | DistillationTask | EmulationTask
 
 
-Task = LanguageTask | EmulationTask
+def check_teacher_table(config: ExperimentConfig) -> None:
+    """A ``[teacher]`` table where, and only where, the model learns from a teacher."""
+    name = config.model.name
+    if name in STUDENTS and config.teacher is None:
+        raise ConfigError(
+            f"teacher: the {name} model learns from a teacher; add a [teacher] table with "
+            "checkpoint = the checkpoint.pt (or run directory) of a finished gpt run"
+        )
+    if name not in STUDENTS and config.teacher is not None:
+        raise ConfigError(
+            f"teacher: the {name} model does not learn from a teacher; remove the [teacher] "
+            f"table, or train {' or '.join(STUDENTS)}"
+        )
 
 
 def build_task(config: ExperimentConfig, device: torch.device) -> Task:
     """The task of *config*: its data, batches, loss and evaluation, and its model factory."""
     name, options, data = config.model.name, config.model.options, config.data
     seed = config.train.seed
+    check_teacher_table(config)
     if not is_user_model(name) and MODELS[name].data == "simulation":
         if data.source != "simulation":
             raise ConfigError(
@@ -187,4 +158,8 @@ def build_task(config: ExperimentConfig, device: torch.device) -> Task:
         def factory() -> torch.nn.Module:
             return model_cls(options, vocab=VOCAB, context=data.seq_len)
 
+    if config.teacher is not None:
+        teacher = load_teacher(config.teacher, options, data.seq_len, base=base)
+        return DistillationTask(corpus, data, seed=seed, device=device, factory=factory,
+                                teacher=teacher, task_weight=config.teacher.task_weight)
     return LanguageTask(corpus, data, seed=seed, device=device, factory=factory)

@@ -2,7 +2,7 @@
 
 A run config is a pipeline config (``[[plugins]]``, ``[[param_groups]]``, ``disable``,
 ``autoload``, ``finite_check``: the core's :class:`~steadytrain.RunConfig`) with three
-more tables::
+more tables (and ``[teacher]`` for a model that learns from one, :class:`TeacherSettings`)::
 
     [model]
     name = "gpt"               # a built-in model, or "package.module:callable"
@@ -52,7 +52,7 @@ from ..errors import ConfigError, OptionError, suggest
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "constant")
 DEVICES = ("cpu", "cuda")
-TABLES = ("model", "data", "train")
+TABLES = ("model", "data", "train", "teacher")
 
 
 def _fraction_below_one(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
@@ -91,6 +91,9 @@ class TrainSettings:
     log_every: int = attrs.field(default=10, validator=validators.positive_int)
     checkpoint_every: int = attrs.field(default=100, validator=validators.positive_int)
     device: str = attrs.field(default="cpu", validator=validators.one_of(*DEVICES))
+    #: The peak learning rate of the pipeline's own parameters (``None``: ``lr``).
+    pipeline_lr: float | None = attrs.field(
+        default=None, validator=validators.optional(validators.positive))
 
     def __attrs_post_init__(self) -> None:
         if self.checkpoint_every % self.log_every:
@@ -103,6 +106,21 @@ class TrainSettings:
     @property
     def warmup_steps(self) -> int:
         return math.ceil(self.warmup * self.steps)
+
+
+@attrs.frozen
+class TeacherSettings:
+    """The ``[teacher]`` table of a distillation run (model ``gpt_student``).
+
+    ``checkpoint`` is the teacher: the ``checkpoint.pt`` of a finished ``steadytrain run``
+    of the ``gpt`` model, or its run directory; a relative path is taken from the config
+    file's folder. ``task_weight`` weighs the next-byte cross-entropy in the student's
+    objective: at 0 (the default) the student learns from the teacher only, through the
+    pipeline's distillation terms.
+    """
+
+    checkpoint: str = attrs.field(validator=validators.non_empty_str)
+    task_weight: float = attrs.field(default=0.0, validator=validators.non_negative)
 
 
 @attrs.frozen
@@ -126,6 +144,7 @@ class ExperimentConfig:
     train: TrainSettings = TrainSettings()
     pipeline: RunConfig = RunConfig()
     origin: Path | None = attrs.field(default=None, eq=False)
+    teacher: TeacherSettings | None = None
 
     def with_overrides(self, **train: Any) -> ExperimentConfig:
         """This config with some training settings replaced (``lr``, ``seed``, ``steps``)."""
@@ -152,10 +171,20 @@ class ExperimentConfig:
         plain = {
             "model": {"name": self.model.name, **_plain(self.model.options)},
             "data": converter.unstructure(self.data),
-            "train": converter.unstructure(self.train),
+            "train": _plain_train(self.train),
             **unstructure_config(self.pipeline),
         }
+        if self.teacher is not None:
+            plain["teacher"] = converter.unstructure(self.teacher)
         return json.loads(json.dumps(plain))  # tuples become lists, as in a saved copy
+
+
+def _plain_train(train: TrainSettings) -> dict[str, Any]:
+    plain = converter.unstructure(train)
+    if plain["pipeline_lr"] is None:
+        # Left out when unset, so that runs saved before the key existed still match.
+        del plain["pipeline_lr"]
+    return plain
 
 
 def _plain(options: Any) -> dict[str, Any]:
@@ -214,13 +243,16 @@ def structure_experiment(
             errors += str(exc).splitlines()
     data = _structure(_table(raw, "data", errors), DataSettings, "data", errors)
     train = _structure(_table(raw, "train", errors), TrainSettings, "train", errors)
+    teacher = (_structure(_table(raw, "teacher", errors), TeacherSettings, "teacher", errors)
+               if "teacher" in raw else None)
     try:
         pipeline = structure_config({k: v for k, v in raw.items() if k in RUN_KEYS})
     except ConfigError as exc:
         errors += str(exc).splitlines()
     if errors:
         raise ConfigError("\n".join(errors))
-    return ExperimentConfig(ModelSettings(name, options), data, train, pipeline, origin)
+    return ExperimentConfig(ModelSettings(name, options), data, train, pipeline, origin,
+                            teacher)
 
 
 def load_experiment(

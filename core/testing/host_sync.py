@@ -27,6 +27,11 @@ SYNCING_CALLS = frozenset({
 })
 
 
+#: What to do instead, in every failure's message.
+ADVICE = ("keep the value on the device (torch.where, masked arithmetic) or record it with "
+          "ctx.log")
+
+
 def _has_bool_mask(index: Any) -> bool:
     items = index if isinstance(index, tuple) else (index,)
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
@@ -50,8 +55,7 @@ class _CpuWatch(TorchFunctionMode):
             what = "indexing with a boolean mask" if name.endswith("item__") else f"{name}()"
             raise HostSyncError(
                 f"{self.where}: {what} on a tensor reads its value on the host, which syncs "
-                "an accelerator; keep the value on the device (torch.where, masked "
-                "arithmetic) or record it with ctx.log"
+                f"an accelerator; {ADVICE}"
             )
         return func(*args, **(kwargs or {}))
 
@@ -64,10 +68,12 @@ def no_host_sync(device: torch.device, where: str) -> Iterator[None]:
         torch.cuda.set_sync_debug_mode("error")
         try:
             yield
-        except RuntimeError as exc:
-            if "synchroniz" not in str(exc):
+        except Exception as exc:
+            # A sync inside a hook reaches here as the HookError naming the plugin instance.
+            cause = exc if isinstance(exc, RuntimeError) else exc.__cause__
+            if not (isinstance(cause, RuntimeError) and "synchroniz" in str(cause)):
                 raise
-            raise HostSyncError(f"{where}: {exc}") from exc
+            raise HostSyncError(f"{where}: {exc}; {ADVICE}") from exc
         finally:
             torch.cuda.set_sync_debug_mode("default")
     else:

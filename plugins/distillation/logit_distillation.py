@@ -58,7 +58,6 @@ Caveats
 
 from __future__ import annotations
 
-import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -67,58 +66,21 @@ import torch
 import torch.nn.functional as F
 
 import steadytrain
-from steadytrain.schedules import SCHEDULES, Constant, Schedule
+from steadytrain.schedules import Schedule, numbers_as_constant
 from steadytrain.sources import at_least_float32
 from steadytrain.validators import non_empty_str, optional, positive_int
 
 from .teacher import Teacher, logits_of
 
-#: A config value that is a number or a schedule table ``{kind = ..., ...}``.
-NumberOrSchedule = typing.NewType("NumberOrSchedule", Any)
-
-
-def as_schedule(value: Any, option: str) -> Schedule:
-    """*value* (a number, a schedule table or a schedule) as a schedule; an
-    :class:`~steadytrain.OptionError` naming *option* (and the table's key) if it is not one."""
-    if isinstance(value, Schedule):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return Constant(float(value))
-    if not isinstance(value, Mapping):
-        raise steadytrain.OptionError(
-            option, f"must be a number or a schedule table with a 'kind', got {value!r}")
-    table = dict(value)
-    kind = table.pop("kind", None)
-    if kind not in SCHEDULES:
-        hint = steadytrain.suggest(str(kind), SCHEDULES)
-        raise steadytrain.OptionError(
-            f"{option}.kind",
-            f"unknown schedule {kind!r}{hint}; the schedules are {', '.join(SCHEDULES)}")
-    try:
-        return SCHEDULES[kind](**table)
-    except steadytrain.OptionError as exc:
-        raise steadytrain.OptionError(f"{option}.{exc.option}", exc.message) from None
-    except TypeError:
-        known = [f.name for f in attrs.fields(SCHEDULES[kind])]
-        raise steadytrain.OptionError(
-            option, f"a {kind} schedule takes {', '.join(known)}, got {sorted(table)}") from None
-
-
-def _plain(value: Any) -> Any:
-    """A schedule object as the plain table a config holds (configs round-trip through it)."""
-    if isinstance(value, Constant):
-        return value.value
-    if isinstance(value, Schedule):
-        return {"kind": value.kind, **attrs.asdict(value)}
-    return value
-
 
 def _positive_schedule(_inst: Any, attr: attrs.Attribute, value: Any) -> None:
-    lowest = as_schedule(value, attr.name).lowest
-    if not lowest > 0:
+    if not isinstance(value, Schedule):
+        raise steadytrain.OptionError(
+            attr.name, f"must be a number or a steadytrain.schedules schedule, got {value!r}")
+    if not value.lowest > 0:
         raise steadytrain.OptionError(
             attr.name, f"must stay > 0 (it divides the logits), got {value!r}, which reaches "
-            f"{lowest}")
+            f"{value.lowest}")
 
 
 def distillation_loss(
@@ -156,8 +118,8 @@ class LogitDistillation(steadytrain.Plugin):
 
     @attrs.frozen
     class Config:
-        temperature: NumberOrSchedule = attrs.field(
-            default=1.0, converter=_plain, validator=_positive_schedule)
+        temperature: Schedule = attrs.field(
+            default=1.0, converter=numbers_as_constant, validator=_positive_schedule)
         top_k: int | None = attrs.field(default=None, validator=optional(positive_int))
         ignore_index: int | None = None
         targets_key: str | None = None
@@ -166,7 +128,7 @@ class LogitDistillation(steadytrain.Plugin):
 
     def __init__(self, config: Any = None, **settings: Any) -> None:
         super().__init__(config, **settings)
-        self.temperature: Schedule = as_schedule(self.config.temperature, "temperature")
+        self.temperature: Schedule = self.config.temperature
         self._teacher = Teacher(self.id)
 
     def bind(self, *, teacher: torch.nn.Module) -> LogitDistillation:

@@ -207,6 +207,39 @@ def fsdp2_nan_on_rank_1(rank: int, folder: Path) -> dict:
     return train_run("fsdp2", NAN_CONFIG, rank, data=samples(nan_at=NAN_AT))
 
 
+class StepLossRecorder:
+    """Keeps the ``ctx.step_loss`` that ``after_backward`` hooks see."""
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    @steadytrain.hookimpl
+    def after_backward(self, ctx: steadytrain.StepContext) -> None:
+        self.seen.append(ctx.step_loss.item())
+
+
+@scenario
+def step_loss_across_ranks(rank: int, folder: Path) -> dict:
+    """Every task loss is 1, but rank 1's in step 1: 5 and 7 in its two micro-batches."""
+    model = wrap(make_model(), "ddp")
+    run = Run(model, make_optimizer(model), pipeline({"plugins": [{"plugin": "guard",
+                                                                  "window": 1}]}), "ddp", rank)
+    recorder = StepLossRecorder()
+    run.pipe.register(recorder, name="recorder")
+    distributed.setup(run.pipe, model, run.optimizer, total_steps=STEPS)
+    for step in range(2):
+        for index in range(2):
+            batch = share(next(batches(samples(), GLOBAL_BATCH)), rank)
+            run.pipe.before_step(batch=batch, micro_batch=index, num_micro_batches=2)
+            out = run.model(**batch)
+            task = out["loss"] * 0 + (5.0 + 2 * index if step and rank else 1.0)
+            run.pipe.compute_loss(task, outputs=out).backward()
+        steadytrain.step_optimizer(run.optimizer, run.pipe.after_backward())
+        run.pipe.consolidate()
+        run.optimizer.zero_grad()
+    return {"seen": recorder.seen, "skipped": run.pipe.run.skipped_steps}
+
+
 def resumed(kind: str, rank: int, folder: Path) -> dict:
     """The uninterrupted run, saved after RESUME_AT steps, and a fresh one loading that."""
     checkpoint = folder / f"checkpoint-{kind}"

@@ -2,12 +2,11 @@
 
 A tiny classifier returning ``{"loss", "logits"}`` (the shape a Hugging Face ``Trainer``
 expects), samples as dicts, and the documented loop over them: the reference every
-adapter must reproduce.
+adapter must reproduce; and the comparisons of a trainer's run with it.
 """
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -18,16 +17,21 @@ import torch.nn.functional as F
 
 import steadytrain
 
-#: ema, two-group grad_clip, guard and a regularizer; thresholds low enough to clip.
-CONFIG = {
-    "plugins": [
-        {"plugin": "guard"},
-        {"plugin": "label_smoothing", "smoothing": 0.1},
-        {"plugin": "grad_clip", "max_norm": 0.3,
-         "groups": [{"name": "enc", "include": ["enc.*"], "max_norm": 0.1}]},
-        {"plugin": "ema", "decay": 0.9},
-    ]
-}
+
+def stabilizing(group: Mapping[str, Any]) -> dict[str, Any]:
+    """The guard, label smoothing, grad_clip at 0.3 with *group* clipped on its own, and an
+    EMA: the pipeline the adapter tests train with (thresholds low enough to clip)."""
+    return {
+        "plugins": [
+            {"plugin": "guard"},
+            {"plugin": "label_smoothing", "smoothing": 0.1},
+            {"plugin": "grad_clip", "max_norm": 0.3, "groups": [dict(group)]},
+            {"plugin": "ema", "decay": 0.9},
+        ]
+    }
+
+
+CONFIG = stabilizing({"name": "enc", "include": ["enc.*"], "max_norm": 0.1})
 LR = 0.05
 #: Read once: reading the installed distributions' entry points takes about a second.
 REGISTRY = steadytrain.Registry.discover(autoload=False)
@@ -35,18 +39,6 @@ REGISTRY = steadytrain.Registry.discover(autoload=False)
 
 def pipeline(config: Mapping[str, Any] = CONFIG) -> steadytrain.Pipeline:
     return steadytrain.Pipeline.from_config(config, registry=REGISTRY)
-
-
-@pytest.fixture(scope="module")
-def frozen_heap() -> Iterator[None]:
-    """Leave the objects alive before the module's tests out of garbage collection.
-
-    Accelerate runs ``gc.collect()`` at the start of every training run; with transformers
-    imported, a full collection takes about a second on the test machine.
-    """
-    gc.freeze()
-    yield
-    gc.unfreeze()
 
 
 class Tiny(torch.nn.Module):
@@ -95,11 +87,19 @@ def batches(data: Sequence[Mapping[str, torch.Tensor]], size: int) -> Iterator[d
 
 @attrs.define
 class Result:
+    """What a run trained: its weights, inside ``pipe.evaluating()`` too, the metrics it
+    read, its optimizer's moments and its skipped steps."""
+
     weights: dict[str, torch.Tensor]
     averaged: dict[str, torch.Tensor]
     metrics: list[dict[str, float]]
     optimizer: dict[str, Any]
     skipped: int
+
+    @classmethod
+    def of(cls, parts: Mapping[str, Any]) -> Result:
+        """The result among *parts* (a rank's report, which may hold more)."""
+        return cls(**{field.name: parts[field.name] for field in attrs.fields(cls)})
 
 
 def snapshot(pipe: steadytrain.Pipeline, model: torch.nn.Module,
@@ -108,9 +108,13 @@ def snapshot(pipe: steadytrain.Pipeline, model: torch.nn.Module,
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     with pipe.evaluating():
         averaged = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return Result(weights, averaged, metrics, moments(optimizer), pipe.run.skipped_steps)
+
+
+def moments(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Every state tensor of *optimizer* (copied), under ``<parameter index>.<name>``."""
     state = optimizer.state_dict()["state"]
-    moments = {f"{i}.{k}": v.clone() for i, s in state.items() for k, v in s.items()}
-    return Result(weights, averaged, metrics, moments, pipe.run.skipped_steps)
+    return {f"{i}.{k}": v.clone() for i, s in state.items() for k, v in s.items()}
 
 
 def train_plain(
@@ -151,10 +155,12 @@ def train_plain(
     return snapshot(pipe, model, optimizer, metrics)
 
 
-def assert_same(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+def assert_same(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+                **tolerance: float) -> None:
+    """The same tensors under the same names (``torch.testing.assert_close``'s tolerance)."""
     assert actual.keys() == expected.keys()
     for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], msg=name)
+        torch.testing.assert_close(actual[name], expected[name], msg=name, **tolerance)
 
 
 def assert_same_metrics(actual: Sequence[Mapping[str, float]],
@@ -163,3 +169,21 @@ def assert_same_metrics(actual: Sequence[Mapping[str, float]],
     for got, want in zip(actual, expected, strict=True):
         shared = {k: got[k] for k in want}
         assert shared == pytest.approx(want, rel=1e-5, abs=1e-6, nan_ok=True)
+
+
+def assert_same_run(got: Result, want: Result, *, without: Sequence[str] = (),
+                    metrics_but: str | None = None) -> None:
+    """*got* trained as *want*: weights, averaged weights, optimizer moments, skipped steps
+    and metrics, except the parts named in *without* and the metrics whose names start with
+    *metrics_but*."""
+    for part in ("weights", "averaged", "optimizer"):
+        if part not in without:
+            assert_same(getattr(got, part), getattr(want, part))
+    if "skipped" not in without:
+        assert got.skipped == want.skipped
+    if "metrics" not in without:
+        def kept(metrics: Sequence[Mapping[str, float]]) -> list[dict[str, float]]:
+            return [{k: v for k, v in m.items()
+                     if metrics_but is None or not k.startswith(metrics_but)} for m in metrics]
+
+        assert_same_metrics(kept(got.metrics), kept(want.metrics))

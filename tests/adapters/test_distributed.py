@@ -26,9 +26,8 @@ from distributed_runs import (
     results,
 )
 from plain_run import (
-    assert_same,
-    assert_same_metrics,
-    frozen_heap,  # noqa: F401  (a fixture)
+    Result,
+    assert_same_run,
     make_model,
     make_optimizer,
     pipeline,
@@ -41,7 +40,7 @@ from steadytrain.adapters import distributed
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory, frozen_heap: None) -> Path:  # noqa: F811
+def ranks(tmp_path_factory: pytest.TempPathFactory, frozen_heap: None) -> Path:
     """The folder the two ranks wrote every scenario's results to.
 
     The heap is frozen before the fork: each ``gc.collect()`` of a rank (the example
@@ -52,21 +51,9 @@ def ranks(tmp_path_factory: pytest.TempPathFactory, frozen_heap: None) -> Path: 
     return folder
 
 
-def one_process(config, *, accumulation: int = 1, data=None) -> dict:
-    run = train_plain(data or samples(), steps=STEPS, batch_size=GLOBAL_BATCH,
-                      accumulation=accumulation, config=config)
-    return {"weights": run.weights, "averaged": run.averaged, "optimizer": run.optimizer,
-            "metrics": run.metrics, "skipped": run.skipped}
-
-
-def assert_same_run(got: dict, want: dict, *, metrics_but: str | None = None) -> None:
-    for part in ("weights", "averaged", "optimizer"):
-        assert_same(got[part], want[part])
-    assert got["skipped"] == want["skipped"]
-    strip = (lambda m: {k: v for k, v in m.items() if not k.startswith(metrics_but)}) if (
-        metrics_but) else (lambda m: m)
-    assert_same_metrics([strip(m) for m in got["metrics"]],
-                        [strip(m) for m in want["metrics"]])
+def one_process(config, *, accumulation: int = 1, data=None) -> Result:
+    return train_plain(data or samples(), steps=STEPS, batch_size=GLOBAL_BATCH,
+                       accumulation=accumulation, config=config)
 
 
 TRAINING = {
@@ -84,7 +71,7 @@ def test_ranks_train_as_one_process_on_the_global_batch(ranks, name):
     config, accumulation = TRAINING[name]
     want = one_process(config, accumulation=accumulation)
     for got in results(ranks, name):
-        assert_same_run(got, want)
+        assert_same_run(Result.of(got), want)
 
 
 def test_ranks_see_different_losses_and_report_the_global_mean(ranks):
@@ -101,8 +88,18 @@ def test_ranks_see_different_losses_and_report_the_global_mean(ranks):
     shares = [per_sample[:half].mean().item(), per_sample[half:].mean().item()]
     # the first step accumulates two global batches; its first one starts with these weights
     assert shares[0] != pytest.approx(shares[1], rel=1e-3)
-    want = one_process(CONFIG, accumulation=2)["metrics"][0]["loss/task"]
+    want = one_process(CONFIG, accumulation=2).metrics[0]["loss/task"]
     assert rank_0["metrics"][0]["loss/task"] == pytest.approx(want, rel=1e-6)
+
+
+def test_every_rank_sees_the_step_loss_of_the_global_batch(ranks):
+    """``ctx.step_loss`` is the mean over the ranks (and micro-batches), as in one process
+    on the global batch, so the guard's spike rule judges the same loss on every rank: in
+    step 1 rank 1's own loss is 6 times its step-0 loss, the global one 3.5 times, and a
+    guard with window 1 and spike factor 4 skips nothing, as in one process."""
+    for got in results(ranks, "step_loss_across_ranks"):
+        assert got["seen"] == [pytest.approx(1.0), pytest.approx(3.5)]
+        assert got["skipped"] == 0
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
@@ -111,12 +108,12 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(ranks, kind):
     gradients (shards under FSDP2), which its guard sees too. The core's all-reduce makes
     both ranks skip, and the run equals one process skipping that step."""
     want = one_process(NAN_CONFIG, data=samples(nan_at=NAN_AT))
-    assert want["skipped"] == 1
+    assert want.skipped == 1
     rank_0, rank_1 = results(ranks, f"{kind}_nan_on_rank_1")
     assert rank_1["requests"][1] == [True]
     for got in (rank_0, rank_1):
         # the guard's own counters are each rank's verdict, averaged over the ranks
-        assert_same_run(got, want, metrics_but="guard/")
+        assert_same_run(Result.of(got), want, metrics_but="guard/")
     assert math.isnan(rank_0["metrics"][1]["loss/task"])
 
 
@@ -126,11 +123,7 @@ def test_resume_from_a_distributed_checkpoint_continues_the_run(ranks, kind):
     guard history) saved with torch.distributed.checkpoint and loaded into a fresh run."""
     for got in results(ranks, f"{kind}_resume"):
         assert got["step"] == 2 * RESUME_AT
-        resumed, uninterrupted = got["resumed"], got["uninterrupted"]
-        for part in ("weights", "averaged", "optimizer"):
-            assert_same(resumed[part], uninterrupted[part])
-        assert resumed["skipped"] == uninterrupted["skipped"]
-        assert_same_metrics(resumed["metrics"], uninterrupted["metrics"])
+        assert_same_run(Result.of(got["resumed"]), Result.of(got["uninterrupted"]))
 
 
 def test_ranks_whose_pipelines_differ_are_refused(ranks):

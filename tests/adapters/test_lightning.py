@@ -13,6 +13,7 @@ import pytest
 import structlog
 import torch
 import torch.nn.functional as F
+from plain_run import assert_same, moments, stabilizing
 
 import steadytrain
 
@@ -29,15 +30,7 @@ pytestmark = [
 
 BATCH, BATCHES = 4, 4
 
-CONFIG = {
-    "plugins": [
-        {"plugin": "guard"},
-        {"plugin": "label_smoothing", "smoothing": 0.1},
-        {"plugin": "grad_clip", "max_norm": 0.3,
-         "groups": [{"name": "head", "include": ["head.*"], "max_norm": 0.05}]},
-        {"plugin": "ema", "decay": 0.9},
-    ]
-}
+CONFIG = stabilizing({"name": "head", "include": ["head.*"], "max_norm": 0.05})
 
 OPTIMIZERS = {
     "adam": lambda params: torch.optim.Adam(params, lr=0.05),
@@ -72,9 +65,13 @@ class Net(PipelineLossMixin, pl.LightningModule):
         logits = self(x)
         return F.cross_entropy(logits, y), logits
 
-    def training_step(self, batch, batch_idx):
+    def with_terms(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The task loss, and the pipeline's loss with its terms."""
         loss, logits = self.task(batch)
-        return self.pipeline_loss(loss, outputs={"logits": logits})
+        return loss, self.pipeline_loss(loss, outputs={"logits": logits})
+
+    def training_step(self, batch, batch_idx):
+        return self.with_terms(batch)[1]
 
     def validation_step(self, batch, batch_idx):
         self.validated.append({k: v.clone() for k, v in self.state_dict().items()})
@@ -141,10 +138,16 @@ def loader(nan_batch=None):
     return torch.utils.data.DataLoader(dataset(nan_batch), batch_size=None)
 
 
-def assert_close_states(actual: dict, expected: dict, **tolerance) -> None:
-    assert actual.keys() == expected.keys()
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], msg=name, **tolerance)
+def assert_same_training(net: Net, callback: PipelineCallback, model: Net,
+                         pipe: steadytrain.Pipeline, optimizers=None) -> None:
+    """The Lightning run of *net* and *callback* ended where the plain loop's *model* and
+    *pipe* did: weights and EMA, and the moments of *optimizers* (Lightning's, the plain
+    loop's) when given."""
+    assert_same(net.state_dict(), model.state_dict())
+    assert_same(callback.pipeline.plugins["ema"].averaged_state_dict(),
+                pipe.plugins["ema"].averaged_state_dict())
+    if optimizers is not None:
+        assert_same(*map(moments, optimizers))
 
 
 def csv_metrics(path: Path) -> list[dict[str, float]]:
@@ -168,12 +171,7 @@ def test_weights_ema_metrics_and_optimizer_state_match_the_plain_loop(tmp_path, 
     run = fit(tmp_path, net, callback, accumulate_grad_batches=accumulate, logger=logger,
               log_every_n_steps=2)
     assert callback.pipeline.run.step == pipe.run.step == 2 * BATCHES // accumulate
-    assert_close_states(net.state_dict(), model.state_dict())
-    assert_close_states(callback.pipeline.plugins["ema"].averaged_state_dict(),
-                        pipe.plugins["ema"].averaged_state_dict())
-    ours, theirs = run.optimizers[0].state_dict()["state"], opt.state_dict()["state"]
-    for index in theirs:
-        assert_close_states(ours[index], theirs[index])
+    assert_same_training(net, callback, model, pipe, (run.optimizers[0], opt))
     rows = csv_metrics(tmp_path)
     assert len(rows) == len(logged) > 1
     for row, expected in zip(rows, logged, strict=True):
@@ -189,9 +187,7 @@ def test_bf16_autocast_matches_the_plain_loop_under_torch_autocast(tmp_path):
     model, pipe, _, _ = plain_run(autocast=True)
     net, callback = Net(), PipelineCallback(CONFIG)
     fit(tmp_path, net, callback, precision="bf16-mixed")
-    assert_close_states(net.state_dict(), model.state_dict())
-    assert_close_states(callback.pipeline.plugins["ema"].averaged_state_dict(),
-                        pipe.plugins["ema"].averaged_state_dict())
+    assert_same_training(net, callback, model, pipe)
     # and autocast did run: fp32 training ends elsewhere
     fp32, _, _, _ = plain_run()
     assert not torch.allclose(fp32.head.weight, net.head.weight, rtol=0, atol=1e-6)
@@ -204,12 +200,7 @@ def test_a_nan_batch_is_skipped_as_in_the_plain_loop(tmp_path, optimizer):
     run = fit(tmp_path, net, callback, data=loader(nan_batch=2))
     assert pipe.run.skipped_steps == callback.pipeline.run.skipped_steps == 2  # once an epoch
     assert all(torch.isfinite(p).all() for p in net.parameters())
-    assert_close_states(net.state_dict(), model.state_dict())
-    assert_close_states(callback.pipeline.plugins["ema"].averaged_state_dict(),
-                        pipe.plugins["ema"].averaged_state_dict())
-    ours, theirs = run.optimizers[0].state_dict()["state"], opt.state_dict()["state"]
-    for index in theirs:
-        assert_close_states(ours[index], theirs[index])
+    assert_same_training(net, callback, model, pipe, (run.optimizers[0], opt))
     assert not hasattr(run.optimizers[0], "found_inf")
 
 
@@ -223,11 +214,8 @@ def test_a_skipped_step_leaves_weights_and_optimizer_state_as_they_were(tmp_path
     clean_run = fit(tmp_path, clean, PipelineCallback(CONFIG), max_epochs=1,
                     data=torch.utils.data.DataLoader(dataset()[:nan], batch_size=None))
     assert callback.pipeline.run.skipped_steps == 1
-    assert_close_states(net.state_dict(), clean.state_dict(), rtol=0, atol=0)
-    ours = run.optimizers[0].state_dict()["state"]
-    theirs = clean_run.optimizers[0].state_dict()["state"]
-    for index in theirs:
-        assert_close_states(ours[index], theirs[index], rtol=0, atol=0)
+    assert_same(net.state_dict(), clean.state_dict(), rtol=0, atol=0)
+    assert_same(moments(run.optimizers[0]), moments(clean_run.optimizers[0]), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("optimizer", "host_read"), [("adam", True), ("fused_adamw", False)])
@@ -253,11 +241,11 @@ def test_validation_and_test_see_the_average_and_training_weights_come_back(tmp_
     run.fit(net, loader(), val_loader())
     averaged = pipe.plugins["ema"].averaged_state_dict()
     assert len(net.validated) == 2
-    assert_close_states(net.validated[-1], averaged)
-    assert_close_states(net.state_dict(), model.state_dict())
+    assert_same(net.validated[-1], averaged)
+    assert_same(net.state_dict(), model.state_dict())
     run.test(net, val_loader(), verbose=False)
-    assert_close_states(net.validated[-1], averaged)  # test_step is validation_step below
-    assert_close_states(net.state_dict(), model.state_dict())
+    assert_same(net.validated[-1], averaged)  # test_step is validation_step below
+    assert_same(net.state_dict(), model.state_dict())
 
 
 class SaveInsideValidation(pl.Callback):
@@ -283,26 +271,26 @@ def test_resume_from_the_checkpoint_saved_at_validation_reaches_the_same_weights
     first = torch.load(tmp_path / "epoch=0.ckpt", weights_only=True)
     model, pipe, _, _ = plain_run(epochs=1)
     for checkpoint in (first, torch.load(inside, weights_only=True)):
-        assert_close_states(checkpoint["state_dict"], model.state_dict())
+        assert_same(checkpoint["state_dict"], model.state_dict())
         averaged = pipe.plugins["ema"].averaged_state_dict()
-        assert_close_states(checkpoint["eval_state_dict"], averaged)
-        assert_close_states(checkpoint["eval_state_dict"], net.validated[0])
+        assert_same(checkpoint["eval_state_dict"], averaged)
+        assert_same(checkpoint["eval_state_dict"], net.validated[0])
 
     resumed, again = Net(), PipelineCallback(CONFIG)
     trainer(tmp_path, [again], max_epochs=epochs).fit(
         resumed, loader(), val_loader(), ckpt_path=tmp_path / "epoch=0.ckpt")
     assert again.pipeline.run.step == callback.pipeline.run.step == epochs * BATCHES
-    assert_close_states(resumed.state_dict(), net.state_dict())
-    assert_close_states(again.pipeline.plugins["ema"].averaged_state_dict(),
-                        callback.pipeline.plugins["ema"].averaged_state_dict())
-    assert_close_states(resumed.validated[-1], net.validated[-1])
+    assert_same(resumed.state_dict(), net.state_dict())
+    assert_same(again.pipeline.plugins["ema"].averaged_state_dict(),
+                callback.pipeline.plugins["ema"].averaged_state_dict())
+    assert_same(resumed.validated[-1], net.validated[-1])
 
     # a fresh callback tests with the checkpoint's average
     tested, fresh = Net(), PipelineCallback(CONFIG)
     trainer(tmp_path, [fresh]).test(tested, val_loader(), ckpt_path=tmp_path / "epoch=0.ckpt",
                                     verbose=False)
-    assert_close_states(tested.validated[-1], first["eval_state_dict"])
-    assert_close_states(tested.state_dict(), first["state_dict"])
+    assert_same(tested.validated[-1], first["eval_state_dict"])
+    assert_same(tested.state_dict(), first["state_dict"])
 
 
 def test_a_checkpoint_without_pipeline_state_starts_the_plugins_afresh(tmp_path):
@@ -352,7 +340,7 @@ def test_trainer_clipping_runs_after_the_pipeline_when_no_plugin_clips(tmp_path)
             opt.step()
             pipe.consolidate()
             opt.zero_grad()
-    assert_close_states(module.net.state_dict(), model.state_dict())
+    assert_same(module.net.state_dict(), model.state_dict())
     # grad_norm measured the gradients before Lightning clipped them
     assert callback.pipeline.metrics()["grad_norm/norm"] == pytest.approx(
         pipe.metrics()["grad_norm/norm"], rel=1e-6)
@@ -380,14 +368,12 @@ def test_a_training_step_without_pipeline_loss_fails_before_the_first_optimizer_
                        match=r"Plain.training_step did not call self.pipeline_loss\(\) at step 0:"
                              r" plugin instance\(s\) label_smoothing would run without"):
         fit(tmp_path, net, PipelineCallback(CONFIG))
-    assert_close_states(net.state_dict(), initial, rtol=0, atol=0)
+    assert_same(net.state_dict(), initial, rtol=0, atol=0)
 
 
 class DropsTheTerms(Net):
     def training_step(self, batch, batch_idx):
-        loss, logits = self.task(batch)
-        self.pipeline_loss(loss, outputs={"logits": logits})
-        return loss
+        return self.with_terms(batch)[0]
 
 
 def test_a_returned_loss_without_the_terms_is_refused(tmp_path):
@@ -397,8 +383,8 @@ def test_a_returned_loss_without_the_terms_is_refused(tmp_path):
 
 class BuildsOnTheLoss(Net):
     def training_step(self, batch, batch_idx):
-        loss, logits = self.task(batch)
-        return 0.5 * self.pipeline_loss(loss, outputs={"logits": logits}) + 0.0 * loss
+        loss, total = self.with_terms(batch)
+        return 0.5 * total + 0.0 * loss
 
 
 def test_a_loss_built_from_pipeline_loss_is_accepted(tmp_path):
@@ -420,8 +406,7 @@ def test_manual_optimization_is_refused(tmp_path):
 
 class LossInValidation(Net):
     def validation_step(self, batch, batch_idx):
-        loss, logits = self.task(batch)
-        return self.pipeline_loss(loss, outputs={"logits": logits})
+        return self.with_terms(batch)[1]
 
 
 def test_pipeline_loss_outside_training_step_is_refused(tmp_path):
@@ -578,9 +563,7 @@ def test_under_a_grad_scaler_the_pipeline_sees_unscaled_gradients_and_skips_as_i
         log_every_n_steps=2)
     assert callback.pipeline.run.skipped_steps == pipe.run.skipped_steps > 2
     assert lightning_scaler.get_scale() == scaler.get_scale()
-    assert_close_states(net.state_dict(), model.state_dict())
-    assert_close_states(callback.pipeline.plugins["ema"].averaged_state_dict(),
-                        pipe.plugins["ema"].averaged_state_dict())
+    assert_same_training(net, callback, model, pipe)
     first = csv_metrics(tmp_path)[0]
     # the clipping plugin measured unscaled norms (scaled ones would be 2^10 times larger)
     for group in ("head", "default"):

@@ -1,12 +1,16 @@
 """Tiny run configs and a way to call the steadytrain command in a real subprocess."""
 
+import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from steadytrain.experiments.progress import Progress
 
 TINY_MODEL = {"name": "gpt", "layers": 1, "width": 16, "heads": 2}
 TINY_DATA = {"source": "pydoc", "seq_len": 16, "batch_size": 4, "eval_batches": 2}
@@ -53,3 +57,17 @@ def metrics_lines(run: Path) -> list:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+class CtrlCAt(Progress):
+    """A progress display for ``train(..., progress=)`` that presses Ctrl-C (a real SIGINT
+    to this process) once *step* is done: the run stops there, resumable."""
+
+    def __init__(self, step: int, total: int) -> None:
+        super().__init__("run", total, stream=io.StringIO())
+        self.step = step
+
+    def update(self, done: int, text: str = "", *, force: bool = False) -> None:
+        super().update(done, text, force=force)
+        if done == self.step:
+            signal.raise_signal(signal.SIGINT)

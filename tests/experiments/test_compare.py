@@ -65,6 +65,9 @@ def test_compare_runs_every_config_lr_and_seed_and_writes_the_table_and_plot(tmp
         assert row.split("|")[3].strip() == f"{mean:.4g} ± {spread:.2g}"
         assert label in out  # the terminal table
     assert re.search(r"Runs on: \S+ \d+ cores, 1 thread\(s\), torch ", table)
+    recorded = json.loads((cmp / "stab" / "lr_0.1" / "seed_1" / "metadata.json").read_text())
+    assert recorded["config"]["train"]["lr"] == 0.1 and recorded["config"]["train"]["seed"] == 1
+    assert [p["plugin"] for p in recorded["plugins"]] == ["z_loss"]
     # The same command again is refused; with --resume the finished runs are reused.
     code, _, err = cli(*args)
     assert code == 1 and "cmp: the output directory exists" in err
@@ -77,8 +80,8 @@ def test_compare_runs_every_config_lr_and_seed_and_writes_the_table_and_plot(tmp
     assert code == 0, err
     assert (cmp / "results.md").read_text() == table
     # ... and refuses options other than those the runs ended with, naming the difference.
-    write(tmp_path / "stab.json", tiny(steps=10, plugins=[{"plugin": "z_loss", "coefficient": 1e-3}],
-                                      model={"qk_layernorm": True}))
+    other = [{"plugin": "z_loss", "coefficient": 1e-3}]
+    write(tmp_path / "stab.json", tiny(steps=10, plugins=other, model={"qk_layernorm": True}))
     code, _, err = cli(*args, "--report")
     assert code == 1 and "this run ended with another config" in err
     assert "plugins" in err and "pass --report the configs and options" in err
@@ -129,6 +132,19 @@ def test_configs_that_cannot_be_compared_are_refused(tmp_path, cli):
     assert code == 1 and "differ in data" in err
     code, _, err = cli("compare", a, tmp_path / "missing.toml", "--out", "x")
     assert code == 1 and "missing.toml: no such config file" in err
+
+
+def test_resuming_with_another_config_is_refused_before_anything_runs(tmp_path, cli):
+    config = write(tmp_path / "a.json", tiny(steps=5))
+    assert cli("compare", config, "--out", "cmp", "--no-plot", "--quiet")[0] == 0
+    summary = tmp_path / "cmp" / "a" / "lr_0.01" / "seed_0" / "summary.json"
+    stamp = summary.stat().st_mtime_ns
+    write(tmp_path / "a.json", tiny(steps=5, model={"qk_layernorm": True}))
+    code, _, err = cli("compare", config, "--out", "cmp", "--no-plot", "--quiet", "--resume")
+    assert code == 1, err
+    assert "cmp/a/lr_0.01/seed_0: this run started with another config (model.qk_layernorm: " \
+        "False in the run, True in this command)" in err
+    assert "start anew in another --out" in err and summary.stat().st_mtime_ns == stamp
 
 
 def test_ctrl_c_stops_every_run_at_a_resumable_point(tmp_path, cli):

@@ -3,13 +3,19 @@
 import json
 import math
 import random
+import re
 import signal
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from experiment_helpers import final_weights, metrics_lines, start, tiny, write
 
+from steadytrain import CheckpointError
 from steadytrain.cli import main
 from steadytrain.experiments.checkpoint import load_checkpoint, save_atomic
 
@@ -39,6 +45,13 @@ def cli(capsys, monkeypatch, tmp_path):
         return code, out, err
 
     return call
+
+
+def documented_run_files():
+    """The files of the run-directory table of docs/experiments.md."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "experiments.md").read_text()
+    table = text.split("## `steadytrain run CONFIG`")[1].split("\n\n")[2]
+    return sorted(re.findall(r"^\| `([\w.]+)` \|", table, flags=re.MULTILINE))
 
 
 def wait_for_lines(run, count, process, timeout=120):
@@ -71,6 +84,7 @@ def test_run_writes_metrics_a_checkpoint_a_summary_and_events(tmp_path, cli):
     assert load_checkpoint(run / "checkpoint.pt")["finished"] is True
     events = [json.loads(e)["event"] for e in (run / "events.jsonl").read_text().splitlines()]
     assert {"run.started", "pipeline.assembled", "checkpoint.saved", "run.ended"} <= set(events)
+    assert sorted(p.name for p in run.iterdir()) == documented_run_files()
     assert "run: finished after 20 steps; final validation loss" in out
     assert "run.started" in err  # events are shown unless --quiet
     code, out, err = cli("run", config, "--out", "quiet", "--quiet")
@@ -131,6 +145,74 @@ def test_ctrl_c_leaves_a_resumable_run_that_reaches_the_same_weights(tmp_path, c
     assert steps == sorted(set(steps)) and steps[-1] == 300
 
 
+def test_sigterm_stops_like_ctrl_c(tmp_path):
+    path = write(tmp_path / "run.json", tiny(steps=3000))
+    process = start("run", path, "--out", "cut", "--threads", 1, cwd=tmp_path)
+    wait_for_lines(tmp_path / "cut", 2, process)
+    process.terminate()
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "resume with: steadytrain run" in stdout and "signal=SIGTERM" in stderr
+    state = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert state["step"] == metrics_lines(tmp_path / "cut")[-1]["step"] < 3000
+
+
+#: A model of one's own whose training forward pass number ``stall`` touches ``in_step``
+#: and sleeps: a step that a first Ctrl-C cannot end soon.
+STALLING_MODEL = textwrap.dedent("""
+    import time
+    from pathlib import Path
+
+    import torch
+
+
+    class Stalling(torch.nn.Module):
+        def __init__(self, vocab_size, stall):
+            super().__init__()
+            self.embed = torch.nn.Embedding(vocab_size, 8)
+            self.head = torch.nn.Linear(8, vocab_size)
+            self.stall, self.calls = stall, 0
+
+        def forward(self, ids):
+            self.calls += self.training
+            if self.calls == self.stall:
+                Path("in_step").touch()
+                time.sleep(120)
+            return self.head(self.embed(ids))
+
+
+    def make(vocab_size, stall=0):
+        return Stalling(vocab_size, stall)
+""")
+
+
+@pytest.mark.parametrize(("stall", "kept"), [
+    (13, "the checkpoint of step 10 is kept; resume with: steadytrain run {path} --out cut "
+         "--resume"),
+    (3, "no checkpoint was written yet; start again with --overwrite"),
+], ids=["after_a_checkpoint", "before_any"])
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, stall, kept):
+    (tmp_path / "stalling.py").write_text(STALLING_MODEL)
+    config = tiny(steps=20, log_every=5, checkpoint_every=5)
+    config["model"] = {"name": "stalling:make", "stall": stall}
+    path = write(tmp_path / "run.json", config)
+    process = start("run", path, "--out", "cut", "--threads", 1, "--quiet", cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "in_step").exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the run did not reach the stalling step"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)  # asks for a stop after this step, which stalls
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 130, stderr
+    assert stderr == f"cut: stopped at once (Ctrl-C): {kept.format(path=path)}\n"
+    checkpoint = tmp_path / "cut" / "checkpoint.pt"
+    assert (load_checkpoint(checkpoint)["step"] if checkpoint.exists() else None) == (
+        10 if stall > 10 else None)
+
+
 def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint_and_resume_is_exact(tmp_path, cli):
     path = write(tmp_path / "run.json", tiny(steps=300, log_every=2, checkpoint_every=2))
     assert cli("run", path, "--out", "straight", "--threads", 1, "--quiet")[0] == 0
@@ -150,6 +232,64 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint_and_resume_is_exact(
     straight, ours = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
     for name in straight:
         assert torch.equal(straight[name], ours[name]), name
+
+
+#: ``python -c TORN MARKER ARGS``: ``steadytrain ARGS`` that stops inside its second
+#: checkpoint write, with half of the new checkpoint in the temporary file, touches MARKER
+#: and waits to be killed.
+TORN = textwrap.dedent("""
+    import sys
+    import time
+    from pathlib import Path
+
+    from steadytrain.cli import main
+    from steadytrain.experiments import checkpoint
+
+    write_whole, writes = checkpoint._replace, []
+
+    def torn(path, write):
+        writes.extend([path] if path.name == "checkpoint.pt" else [])
+        if path.name != "checkpoint.pt" or len(writes) < 2:
+            return write_whole(path, write)
+
+        def half(handle):
+            write(handle)
+            handle.truncate(handle.tell() // 2)
+            handle.flush()
+            Path(sys.argv[1]).touch()
+            time.sleep(600)
+
+        return write_whole(path, half)
+
+    checkpoint._replace = torn
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_and_resume_is_exact(
+        tmp_path, cli):
+    path = write(tmp_path / "run.json", tiny(steps=30, log_every=5, checkpoint_every=10))
+    assert cli("run", path, "--out", "straight", "--threads", 1, "--quiet")[0] == 0
+    marker, killed = tmp_path / "in_the_write", tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-c", TORN, marker, "run", path, "--out", killed, "--threads", "1",
+         "--quiet"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the run did not reach its second checkpoint"
+        time.sleep(0.02)
+    process.kill()
+    process.communicate()
+    assert load_checkpoint(killed / "checkpoint.pt")["step"] == 10  # the previous one, whole
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(killed / ".checkpoint.pt.tmp")  # the write it was killed in
+    assert [line["step"] for line in metrics_lines(killed)] == [5, 10, 15, 20]
+    assert cli("run", path, "--out", killed, "--resume", "--threads", 1, "--quiet")[0] == 0
+    straight, ours = final_weights(tmp_path / "straight"), final_weights(killed)
+    for name in straight:
+        assert torch.equal(straight[name], ours[name]), name
+    assert [line["step"] for line in metrics_lines(killed)] == [5, 10, 15, 20, 25, 30]
 
 
 def test_a_checkpoint_write_that_fails_midway_leaves_the_previous_one(tmp_path):

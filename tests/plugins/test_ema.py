@@ -6,7 +6,7 @@ from helpers import round_trip
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import steadytrain
-from steadytrain.plugins.ema import EMA, ema_decay, ema_update_
+from steadytrain.plugins.ema import EMA, _back_to_back, _masked_lerp_, ema_decay, ema_update_
 
 
 def make_model() -> torch.nn.Module:
@@ -383,3 +383,167 @@ def test_checkpoint_missing_an_entry_is_refused():
     with pytest.raises(steadytrain.CheckpointError,
                        match=r"'ema'.*has keys \['shadow'\], expected \['num_updates', 'shadow'\]"):
         plugin.load_state_dict(state)
+
+
+# -- the update on the device, and over weights that lie in one buffer ---------------------
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+#: Devices and dtypes whose skip-aware update runs on the device (torch's fused SGD kernel).
+ON_DEVICE = [pytest.param("cpu", torch.float32, id="cpu-float32"),
+             pytest.param("cpu", torch.float64, id="cpu-float64"),
+             *(pytest.param("cuda", dtype, id=f"cuda-{str(dtype)[6:]}", marks=cuda)
+               for dtype in (torch.float32, torch.bfloat16, torch.float16))]
+
+
+@pytest.mark.parametrize(("device", "dtype"), ON_DEVICE)
+@pytest.mark.parametrize("weight", [1e-3, 0.3, 1.0])
+def test_the_masked_lerp_is_torchs_lerp_unless_skipped(device, dtype, weight):
+    gen = torch.Generator().manual_seed(int(weight * 1000))
+    shapes = [(33, 7), (5,), (1000,), ()]
+    averaged = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+    current = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+    before = [a.clone() for a in averaged]
+    w = torch.tensor(weight, device=device)
+    _masked_lerp_(averaged, current, w, torch.tensor(1.0, device=device))
+    for got, want in zip(averaged, before, strict=True):
+        assert torch.equal(got, want)
+    _masked_lerp_(averaged, current, w, torch.tensor(0.0, device=device))
+    for got, a, c in zip(averaged, before, current, strict=True):
+        exact = torch.lerp(a.double(), c.double(), w.item())  # the weight is a float32
+        # one rounding of the result (two where the kernel rounds a − c first)
+        torch.testing.assert_close(got.double(), exact, rtol=2 * torch.finfo(dtype).eps,
+                                   atol=2 * torch.finfo(dtype).eps * c.abs().max().item())
+        torch.testing.assert_close(got, torch.lerp(a, c, w.item()), rtol=2 * torch.finfo(
+            dtype).eps, atol=2 * torch.finfo(dtype).eps * c.abs().max().item())
+
+
+def host_and_device_runs(config, model_fn, skip, steps=8):
+    """The same trajectory averaged twice: the host knows the skips (plain updates), or
+    hands the plugin the device-side flag."""
+    host, device = EMA(config, id="host"), EMA(config, id="device")
+    model = model_fn()
+    pipe = steadytrain.Pipeline([host, device]).setup(model, total_steps=100)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(step)
+        loss = model(torch.randn(16, 4, generator=gen).to(next(model.parameters()))).square()
+        loss.mean().backward()
+        if step not in skip:
+            opt.step()
+            host.update()
+        device.update(skip=torch.tensor(step in skip))
+        opt.zero_grad()
+    return host, device, pipe
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_shadows_on_the_cpu_read_the_flag_on_the_host(dtype):
+    def model_fn():
+        return make_model().to(dtype)
+
+    host, device, _ = host_and_device_runs(EMA.Config(decay=0.8), model_fn, skip={0, 3})
+    assert not isinstance(device._count, torch.Tensor)  # read: torch's CPU kernel skips them
+    assert device.num_updates == host.num_updates == 6
+    for got, want in zip(device.shadow, host.shadow, strict=True):
+        assert torch.equal(got, want)
+    assert not all(torch.equal(a, s) for a, s in zip(device.shadow, model_fn().parameters(),
+                                                     strict=True))
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_the_device_count_continues_after_the_host_read_it(warmup):
+    config = EMA.Config(decay=0.8, warmup=warmup)
+    host, device, _ = host_and_device_runs(config, make_model, skip={0, 1, 4})
+    assert isinstance(device._count, torch.Tensor)
+    assert device.num_updates == host.num_updates == 5  # reads it: the count is the host's
+    assert not isinstance(device._count, torch.Tensor)
+    for got, want in zip(device.shadow, host.shadow, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def flatten_(model: torch.nn.Module) -> torch.Tensor:
+    """Move the model's parameters into one buffer, back to back (a host's flat layout)."""
+    params = list(model.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p.data = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return flat
+
+
+def flat_model() -> torch.nn.Module:
+    model = make_model()
+    flatten_(model)
+    return model
+
+
+@pytest.mark.parametrize("skip", [set(), {0, 3}], ids=["host decides", "device flag"])
+def test_weights_in_one_buffer_are_averaged_as_one_buffer(skip):
+    config = EMA.Config(decay=0.8)
+    model = flat_model()
+    plugin = EMA(config)
+    pipe = steadytrain.Pipeline([SkipAt(skip), plugin])
+    train(pipe, model, 8, skips=skip or None)
+    reference_model = make_model()
+    reference = EMA(config)
+    train(steadytrain.Pipeline([SkipAt(skip), reference]), reference_model, 8,
+          skips=skip or None)
+    parameters = [plugin.shadow[plugin.names.index(n)] for n, _ in model.named_parameters()]
+    assert _back_to_back(parameters) is not None  # the shadow mirrors the layout
+    assert plugin._pairs[0]._flat is not None
+    for got, want in zip(plugin.shadow, reference.shadow, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    with pipe.evaluating():
+        for name, param in model.named_parameters():
+            assert torch.equal(param, plugin.averaged_state_dict()[name])
+    assert _back_to_back(list(model.parameters())) is not None
+
+
+def test_a_parameter_moved_out_of_the_buffer_is_still_followed():
+    config = EMA.Config(decay=0.8, warmup=False)
+    model = flat_model()
+    plugin = EMA(config)
+    pipe = steadytrain.Pipeline([plugin])
+    opt = train(pipe, model, 2)
+    first = next(model.parameters())
+    first.data = first.data.clone()  # the host re-points it: the buffer is not its own any more
+    train(pipe, model, 1, opt=opt)
+    assert plugin._pairs[0]._flat is None
+    reference = AveragedModel(make_model(), multi_avg_fn=get_ema_multi_avg_fn(0.8))
+    twin = make_model()
+    train(steadytrain.Pipeline([SkipAt(())]), twin, 3,
+          on_step=lambda step: reference.update_parameters(twin))
+    assert_matches(plugin, reference)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("warmup", [False, True])
+def test_on_cuda_the_skip_aware_update_matches_the_plain_one_without_a_host_sync(
+    dtype, warmup
+):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(64, 64) for _ in range(3))).to("cuda", dtype)
+    host, device = EMA(EMA.Config(decay=0.9, warmup=warmup), id="host"), EMA(
+        EMA.Config(decay=0.9, warmup=warmup), id="device")
+    steadytrain.Pipeline([host, device]).setup(model, total_steps=100)
+    skip = {0, 3}
+    flags = [torch.tensor(step in skip, device="cuda") for step in range(8)]
+    for step, flag in enumerate(flags):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p), alpha=0.1)
+        if step not in skip:
+            host.update()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            device.update(skip=flag)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert device.num_updates == host.num_updates == 6
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for got, want in zip(device.shadow, host.shadow, strict=True):
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)

@@ -171,6 +171,68 @@ def test_unitwise_clipping_matches_the_formula():
     assert torch.equal(params[0].grad[0], expected[0][0])
 
 
+def same_shaped(seed, device="cpu"):
+    """Tensors that AGC clips in stacks (several of each shape, scalars too) and alone (a
+    shape of its own, and one above the stacking size), with rows both clipped and not."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(6, 5)] * 4 + [(3, 2, 2, 2)] * 3 + [(7,)] * 5 + [()] * 3 + [(4, 9), (1100, 1000)]
+    params = [torch.randn(shape, generator=gen).to(device) for shape in shapes]
+    for index, p in enumerate(params):
+        p.grad = (torch.randn(p.shape, generator=gen) * 10.0 ** (index % 3 - 1)).to(device)
+    return params
+
+
+on_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=on_cuda)])
+@pytest.mark.parametrize("stack_bytes", [None, 300], ids=["one stack a shape", "small stacks"])
+def test_unitwise_clipping_in_stacks_matches_the_formula(stack_bytes, device, monkeypatch):
+    from steadytrain.plugins import grad_clip
+
+    if stack_bytes is not None:  # stacks of a few tensors each
+        monkeypatch.setattr(grad_clip, "_STACK_BYTES", stack_bytes)
+    params = same_shaped(5, device)
+    expected = [agc_reference(p.cpu(), p.grad.cpu(), 0.1, 1e-3) for p in params]
+    if device == "cuda":  # and never waits for the device
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        unitwise_clip_grad_(params, clipping=0.1, eps=1e-3)
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    for p, want in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.grad.cpu(), want)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_agc_mode_reports_the_norms_before_and_after_clipping(norm_type):
+    params = same_shaped(6)
+    model = torch.nn.ParameterList(torch.nn.Parameter(p.detach()) for p in params)
+    pipe = steadytrain.Pipeline([GradClip(GradClip.Config(
+        mode="agc", clipping=0.1, norm_type=norm_type))]).setup(model)
+    pipe.before_step()
+    for mine, p in zip(model, params, strict=True):
+        mine.grad = p.grad.clone()
+    pipe.after_backward()
+    pipe.consolidate()
+    metrics = pipe.metrics()
+
+    def total(tensors):  # in float64: a float32 norm of a million numbers is off by 1e-5
+        return torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(t.double(), norm_type) for t in tensors]), norm_type).item()
+
+    clipped = [agc_reference(p, p.grad, 0.1, 1e-3) for p in params]
+    for p, want in zip(model, clipped, strict=True):  # scaled in place, outside autograd
+        torch.testing.assert_close(p.grad, want)
+        assert p.grad.grad_fn is None and not p.grad.requires_grad
+    assert metrics["grad_clip/default/pre_norm"] == pytest.approx(
+        total([p.grad for p in params]), rel=1e-5)
+    assert metrics["grad_clip/default/post_norm"] == pytest.approx(total(clipped), rel=1e-5)
+    assert metrics["grad_clip/default/post_norm"] < metrics["grad_clip/default/pre_norm"]
+
+
 def test_agc_mode_uses_each_groups_clipping():
     config = GradClip.Config(mode="agc", clipping=0.05, groups=(
         ClipGroup("memory", ("memory.*",), clipping=0.2),))

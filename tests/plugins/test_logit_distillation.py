@@ -73,7 +73,7 @@ def test_t_squared_keeps_the_gradient_at_high_temperature_that_of_matching_logit
 def test_the_temperature_follows_its_schedule():
     student, teacher = logits()
     config = LogitDistillation.Config(
-        temperature={"kind": "linear_warmup", "start": 3.0, "value": 1.0, "warmup_steps": 4})
+        temperature=steadytrain.schedules.LinearWarmup(start=3.0, value=1.0, warmup_steps=4))
     pipe = set_up(LogitDistillation(config))
     seen = []
     for _ in range(6):
@@ -171,8 +171,8 @@ def test_a_schedule_temperature_round_trips_through_a_config():
 
 @pytest.mark.parametrize(
     ("temperature", "problem"),
-    [(0.0, "must stay > 0 (it divides the logits), got 0.0"),
-     (-2, "got -2, which reaches -2.0"),
+    [(0.0, "must stay > 0 (it divides the logits), got Constant(value=0.0)"),
+     (-2, "got Constant(value=-2.0), which reaches -2.0"),
      ({"kind": "cosine_curriculum"}, "which reaches 0.0"),
      ({"kind": "linear_warmup", "start": 0.0, "value": 1.0, "warmup_steps": 5},
       "which reaches 0.0")],
@@ -191,8 +191,9 @@ def test_a_temperature_that_is_not_always_positive_is_an_error(temperature, prob
       "plugins[0].temperature.kind: unknown schedule 'linear_warmpu' (did you mean "
       "'linear_warmup'"),
      ({"kind": "constant", "value": 2.0, "steps": 3},
-      "plugins[0].temperature: a constant schedule takes value, got ['steps', 'value']"),
-     ("hot", "plugins[0].temperature: must be a number or a schedule table")],
+      "plugins[0].temperature: unknown key 'steps'; known keys: value"),
+     ("hot", "plugins[0].temperature: expected a number or a schedule table with a 'kind', "
+      "got 'hot'")],
 )
 def test_a_bad_temperature_schedule_is_an_error_naming_its_key(temperature, message):
     with raises(ConfigError, message):
@@ -281,3 +282,9 @@ def test_the_source_hidden_state_temperature_only_rescales_the_loss():
                                    F.mse_loss(s, t) / temperature**2)
         torch.testing.assert_close(F.cosine_similarity(s / temperature, t / temperature, -1),
                                    F.cosine_similarity(s, t, -1))
+
+
+def test_a_temperature_that_is_neither_a_number_nor_a_schedule_is_an_error_in_python():
+    with raises(steadytrain.OptionError, "temperature: must be a number or a "
+                "steadytrain.schedules schedule, got {'kind': 'constant', 'value': 2.0}"):
+        LogitDistillation.Config(temperature={"kind": "constant", "value": 2.0})
