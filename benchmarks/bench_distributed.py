@@ -381,11 +381,17 @@ def check_timing(mode: str, args: argparse.Namespace, device: torch.device
             variant.end_of_round()
     syncs = {v.name: count_syncs(v, batches, 10) if device.type == "cuda" else (None, {})
              for v in variants}
+    found = {}
+    for variant in variants:
+        found[variant.name] = collectives(lambda v=variant: v.step(*batches[0], Clock(device)),
+                                          device)
+        variant.end_of_round()
     mine = {v.name: {
         "step_ms": statistics.median(gpu[v.name]), "host_ms": statistics.median(host[v.name]),
         "phases_ms": {p: statistics.median(s[i] for s in phases[v.name])
                       for i, p in enumerate(PHASES)},
-        "syncs": syncs[v.name][0], "sync_sites": dict(syncs[v.name][1])} for v in variants}
+        "syncs": syncs[v.name][0], "sync_sites": dict(syncs[v.name][1]),
+        "collectives": dict(found[v.name])} for v in variants}
     mine["ratio"] = mine["pipeline"]["step_ms"] / mine["hand"]["step_ms"]
     gathered: list[Any] = [None] * world()[1]
     dist.all_gather_object(gathered, mine)
@@ -672,6 +678,15 @@ def report(args: argparse.Namespace, device: torch.device, ranks: int,
                           f"{v['step_ms'] / t['hand']['step_ms']:8.4f}{v['host_ms']:10.3f}"
                           + "".join(f"{v['phases_ms'][p]:13.3f}" for p in PHASES)
                           + f"{syncs:>7}")
+                    if v["sync_sites"]:
+                        print(f"{'':22}syncs at " + ", ".join(
+                            f"{site} ×{n}" for site, n in v["sync_sites"].items()))
+        for mode, r in rows:
+            for rank, t in enumerate(r.get("timing", {}).get("ranks", [])[:1]):
+                print(f"{mode:7}collectives in one step (rank {rank}): " + "; ".join(
+                    f"{name} " + (", ".join(f"{c} ×{n}" for c, n in
+                                            sorted(t[name]["collectives"].items())) or "none")
+                    for name in ("plain", "hand", "pipeline")))
     if any("ema" in r for _, r in rows):
         print("\n(d) EMA of this rank's weights (its shards under FSDP2): GB/s, share of the "
               "copy; collectives inside")
