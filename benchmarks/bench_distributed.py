@@ -46,6 +46,7 @@ is 1 when a check fails. ``--checks`` runs some of the checks only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -618,9 +619,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- the report ---------------------------------------------------------------------------------
 
 
+def cpu_name() -> str:
+    """The processor's model name (Linux), else what ``platform`` knows; its core count."""
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        models = [line.split(":", 1)[1].strip()
+                  for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")]
+        name = models[0] if models else name
+    return f"{name} ({os.cpu_count()} cores)"
+
+
 def describe(args: argparse.Namespace, device: torch.device, ranks: int) -> str:
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"{platform.processor() or platform.machine()} CPU")
+               else f"CPU processes on {cpu_name()}")
     backend = "NCCL" if device.type == "cuda" else "gloo"
     parameters = sum(p.numel() for p in GPT(args.vocab, args.seq, args.layers, args.dim,
                                              args.heads).parameters())
