@@ -631,13 +631,12 @@ def cpu_name() -> str:
 
 
 def describe(args: argparse.Namespace, device: torch.device, ranks: int) -> str:
-    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"CPU processes on {cpu_name()}")
-    backend = "NCCL" if device.type == "cuda" else "gloo"
+    machine = (f"{ranks} × {torch.cuda.get_device_name(device)} (NCCL)" if device.type == "cuda"
+               else f"{ranks} CPU processes on {cpu_name()} (gloo)")
     parameters = sum(p.numel() for p in GPT(args.vocab, args.seq, args.layers, args.dim,
                                              args.heads).parameters())
-    return (f"torch {torch.__version__}, Python {platform.python_version()}, {ranks} × "
-            f"{machine} ({backend}), {date.today()}; GPT of {parameters / 1e6:.1f}M parameters "
+    return (f"torch {torch.__version__}, Python {platform.python_version()}, {machine}, "
+            f"{date.today()}; GPT of {parameters / 1e6:.1f}M parameters "
             f"({args.layers} layers, width {args.dim}), batch {args.batch}×{args.seq} per rank, "
             f"{precision(device)}")
 
