@@ -1,8 +1,7 @@
 import pytest
 import structlog
 import torch
-
-import steadytrain
+from helpers import L2Outputs
 
 
 @pytest.fixture(autouse=True)
@@ -16,16 +15,6 @@ def _quiet_logs():
 def model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
-
-
-class L2Outputs(steadytrain.Plugin):
-    """Mean squared model output, a regularizer that is linear in the batch."""
-
-    name = "l2_outputs"
-
-    @steadytrain.hookimpl
-    def compute_regularizers(self, ctx):
-        return {"l2": ctx.outputs["pred"].pow(2).mean()}
 
 
 @pytest.fixture

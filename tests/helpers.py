@@ -23,3 +23,13 @@ def regularize(pipe: steadytrain.Pipeline, outputs: dict, task_loss=None) -> tor
     pipe.after_backward()
     pipe.consolidate()
     return loss
+
+
+class L2Outputs(steadytrain.Plugin):
+    """Mean squared model output, a regularizer that is linear in the batch."""
+
+    name = "l2_outputs"
+
+    @steadytrain.hookimpl
+    def compute_regularizers(self, ctx):
+        return {"l2": ctx.outputs["pred"].pow(2).mean()}

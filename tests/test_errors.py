@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import L2Outputs
+from helpers import L2Outputs
 
 import steadytrain
 from steadytrain import ConfigError, Pipeline, Registry, RegistryError, hookimpl, validators

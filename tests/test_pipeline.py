@@ -2,8 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import L2Outputs
-from helpers import round_trip
+from helpers import L2Outputs, round_trip
 
 import steadytrain
 from steadytrain import Pipeline, hookimpl, schedules
