@@ -29,7 +29,6 @@ from pathlib import Path
 # torch warns at import when NumPy is not installed; nothing here uses NumPy.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-import structlog  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -121,8 +120,9 @@ def main() -> None:
                         help="print only the final comparison; no log events below ERROR")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.quiet:
-        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    # steadytrain's events go to the standard logging tree: show them, or only errors.
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO,
+                        format="%(name)s: %(message)s")
 
     x, y = spirals(2048)
     x_val, y_val = spirals(512, seed=1)
