@@ -57,7 +57,15 @@ from typing import Any
 import structlog
 import torch
 import torch.nn.functional as F
-from bench_end_to_end import CONFIG, GPT, SMOOTHING, HandTechniques, fused_adamw, sync_sites
+from bench_end_to_end import (
+    CONFIG,
+    GPT,
+    SMOOTHING,
+    HandTechniques,
+    add_model_arguments,
+    fused_adamw,
+    sync_sites,
+)
 from torch import nn
 
 import steadytrain
@@ -372,14 +380,7 @@ def count_syncs(device: torch.device, train: Callable, name: str, gpt: nn.Module
 def main(argv: list[str] | None = None, *, quiet_logs: bool = True) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trainer", choices=sorted(RUNNERS), required=True)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--vocab", type=int, default=50257)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--dim", type=int, default=768)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    add_model_arguments(parser)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10, help="steps per variant per round")
     parser.add_argument("--check", action="store_true",

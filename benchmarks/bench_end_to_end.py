@@ -495,8 +495,8 @@ def profile(variants: list[Variant], batches: list, steps: int, folder: str | No
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The GPT's and the batch's options, GPT-2 small by default (shared by the scripts)."""
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=1024)
@@ -505,6 +505,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--lr", type=float, default=1e-4)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_arguments(parser)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=10, help="steps per variant per round")
     parser.add_argument("--warmup", type=int, default=3)
