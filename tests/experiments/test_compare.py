@@ -7,30 +7,11 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from experiment_helpers import metrics_lines, start, tiny, write
 
-from steadytrain.cli import main
 from steadytrain.experiments import demo, measures
 from steadytrain.experiments.compare import lr_sweep
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch, tmp_path):
-    """``steadytrain ARGS`` in this process, in *tmp_path*: (exit status, stdout, stderr)."""
-    monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-
-    def call(*args):
-        try:
-            code = main([str(a) for a in args])
-        finally:
-            torch.set_num_threads(threads)
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return call
 
 
 def summaries(out, label):

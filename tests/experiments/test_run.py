@@ -16,7 +16,6 @@ import torch
 from experiment_helpers import final_weights, metrics_lines, start, tiny, write
 
 from steadytrain import CheckpointError
-from steadytrain.cli import main
 from steadytrain.experiments.checkpoint import load_checkpoint, save_atomic
 
 MEMORY_RECIPE = {
@@ -27,24 +26,6 @@ MEMORY_RECIPE = {
                 {"plugin": "grad_clip", "max_norm": 1.0}, {"plugin": "ema", "decay": 0.9},
                 {"plugin": "scheduled_consolidation", "interval": 7}],
 }
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch, tmp_path):
-    """``steadytrain ARGS`` in this process, in *tmp_path*: (exit status, stdout, stderr)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("sys.path", list(__import__("sys").path))
-    threads = torch.get_num_threads()
-
-    def call(*args):
-        try:
-            code = main([str(a) for a in args])
-        finally:
-            torch.set_num_threads(threads)
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return call
 
 
 def documented_run_files():
