@@ -36,6 +36,9 @@ steps. Host syncs per step are counted with ``torch.cuda.set_sync_debug_mode("wa
 from the second step of one more round to its last step's end. ``--check`` first trains
 two copies of one initialization for a round, by hand and through the adapter, and
 prints the largest relative difference of their weights and EMA averages.
+``--profile`` runs one more round of each variant under ``torch.profiler`` and prints
+each one's kernels and kernel time per step, how long the GPU idled per step, and the
+kernels whose time differs most between the variants.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import argparse
 import itertools
 import json
 import logging
+import os
 import platform
 import statistics
 import tempfile
@@ -64,6 +68,7 @@ from bench_end_to_end import (
     HandTechniques,
     add_model_arguments,
     fused_adamw,
+    gpu_intervals,
     sync_sites,
 )
 from torch import nn
@@ -377,6 +382,47 @@ def count_syncs(device: torch.device, train: Callable, name: str, gpt: nn.Module
     return sum(sites.values()) / (len(batches) - 1), sites
 
 
+def profile(device: torch.device, train: Callable, gpt: nn.Module, batches: list) -> dict:
+    """One round of each variant under ``torch.profiler``: kernels and kernel time per
+    step, GPU idle time per step (the steps' CUDA-event time minus the kernels' busy
+    time), and the kernels whose time differs most between the variants."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    report = {}
+    steps = len(batches)
+    for name in VARIANTS:
+        clock = StepClock(device, steps)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            train(name, gpt, batches, clock)
+            torch.cuda.synchronize()
+        path = os.path.join(tempfile.mkdtemp(), f"trace_{name}.json")
+        prof.export_chrome_trace(path)
+        intervals, calls, spent = gpu_intervals(path)
+        os.remove(path)
+        step_ms = sum(clock.times()[0])
+        busy_ms = sum(e - b for b, e in intervals) / 1e3
+        report[name] = {"kernels_per_step": sum(calls.values()) / steps,
+                        "kernel_ms_per_step": sum(spent.values()) / steps / 1e3,
+                        "idle_ms_per_step": (step_ms - busy_ms) / steps,
+                        "calls": dict(calls), "spent_us": dict(spent)}
+        print(f"profile {name}: {report[name]['kernels_per_step']:.0f} kernels/step, "
+              f"{report[name]['kernel_ms_per_step']:.3f} ms of kernel time/step, GPU idle "
+              f"{report[name]['idle_ms_per_step']:.3f} ms/step", flush=True)
+    hand, adapter = report["hand"], report["adapter"]
+
+    def extra(kernel: str) -> float:
+        return adapter["spent_us"].get(kernel, 0.0) - hand["spent_us"].get(kernel, 0.0)
+
+    ordered = sorted(set(hand["spent_us"]) | set(adapter["spent_us"]), key=extra)
+    print("kernels with the most more (+) or less (-) time per step through the adapter:")
+    for kernel in [*ordered[::-1][:12], *ordered[:6]]:
+        more = adapter["calls"].get(kernel, 0) - hand["calls"].get(kernel, 0)
+        print(f"  {extra(kernel) / steps / 1e3:+.3f} ms  {more / steps:+.1f} calls  {kernel[:100]}")
+    return report
+
+
 def main(argv: list[str] | None = None, *, quiet_logs: bool = True) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trainer", choices=sorted(RUNNERS), required=True)
@@ -388,6 +434,8 @@ def main(argv: list[str] | None = None, *, quiet_logs: bool = True) -> None:
     parser.add_argument("--logging-nan-inf-filter", choices=("true", "false"), default="false",
                         help="transformers: the TrainingArguments option (true by default "
                              "there; it reads the loss on the host twice per step)")
+    parser.add_argument("--profile", action="store_true",
+                        help="one more round of each variant under torch.profiler (CUDA)")
     parser.add_argument("--json", help="write every step's times here")
     args = parser.parse_args(argv)
     if args.steps < 2:
@@ -430,6 +478,9 @@ def main(argv: list[str] | None = None, *, quiet_logs: bool = True) -> None:
         for name in VARIANTS:
             syncs[name], sites[name] = count_syncs(device, train, name, gpt, batches)
 
+    profiled = profile(device, train, gpt, batches) if args.profile and device.type == "cuda" \
+        else {}
+
     hand = statistics.median(gpu["hand"])
     print(f"\n{args.trainer}: median ms per optimizer step over {args.rounds}×{args.steps} "
           "steps (GPU: CUDA events from step begin to step begin), host time per step")
@@ -450,7 +501,8 @@ def main(argv: list[str] | None = None, *, quiet_logs: bool = True) -> None:
                                                  for site, n in where.most_common()))
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"args": vars(args), "torch": torch.__version__, "results": results}, out)
+            json.dump({"args": vars(args), "torch": torch.__version__, "results": results,
+                       "profile": profiled}, out)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ Times, per update, for models of 10M to 1B float32 parameters shaped like a tran
 Run: ``python benchmarks/bench_ema_clip.py --sizes 10 100 [--device cuda] [--json out.json]``.
 On CUDA the script also measures a device-to-device copy (the practical bandwidth
 ceiling), checks the CPU-shadow and evaluation-swap paths against the same-device one,
-runs the plugins' step work under ``torch.cuda.set_sync_debug_mode("error")``, and counts
-the kernels each clipping variant launches per call (torch's profiler).
+runs the plugins' step work under ``torch.cuda.set_sync_debug_mode("error")``, and
+profiles one call of each clipping variant and of the plugin's EMA updates (torch's
+profiler): the kernels it launches, their time by kernel, and the host's time to issue
+it.
 """
 
 from __future__ import annotations
@@ -287,13 +289,9 @@ def clipping_call(pipe: steadytrain.Pipeline, plugin: GradClip):
     return call
 
 
-def kernel_counts(model: torch.nn.Module) -> dict[str, int]:
-    """CUDA kernels one call of each clipping variant launches (torch's profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
+def clip_variants(model: torch.nn.Module) -> tuple[dict[str, Callable[[], None]], list]:
+    """One call of each clipping variant, keyed as in the timings, and their pipelines."""
     params = list(model.parameters())
-    for p in params:
-        p.grad = torch.randn_like(p)
     variants = {"clip_grad_norm_(foreach=True)": lambda: torch.nn.utils.clip_grad_norm_(
         params, 1e30, foreach=True)}
     pipes = []
@@ -304,20 +302,55 @@ def kernel_counts(model: torch.nn.Module) -> dict[str, int]:
         pipe = steadytrain.Pipeline([plugin]).setup(model)
         variants[f"grad_clip plugin, {mode} (2 groups)"] = clipping_call(pipe, plugin)
         pipes.append(pipe)
-    counts = {}
-    for name, fn in variants.items():
+    return variants, pipes
+
+
+def ema_variants(model: torch.nn.Module) -> tuple[dict[str, Callable[[], None]], list]:
+    """The plugin's plain and skip-aware EMA updates, and their pipelines."""
+    plugin = EMA(EMA.Config(decay=0.999, warmup=False))
+    pipe = steadytrain.Pipeline([plugin]).setup(model)
+    plugin.update()
+    keep = torch.tensor(False, device="cuda")
+    return {"steadytrain ema": plugin.update,
+            "steadytrain ema, device-side skip flag": lambda: plugin.update(skip=keep)}, [pipe]
+
+
+def kernel_profiles(model: torch.nn.Module, calls: int = 5) -> dict[str, dict]:
+    """What one call of each clipping and EMA variant costs, by torch's profiler: the
+    kernels it launches and their time (by kernel name), and the host's time to issue it.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    clips, pipes = clip_variants(model)
+    emas, more = ema_variants(model)
+    report = {}
+    for name, fn in {**clips, **emas}.items():
         fn()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(calls):
             fn()
+        host = (time.perf_counter() - t0) / calls
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
             torch.cuda.synchronize()
-        counts[name] = sum(e.count for e in prof.key_averages()
-                           if e.device_type == torch.autograd.DeviceType.CUDA)
-    for pipe in pipes:
+        kernels = {e.key: (e.count / calls, e.device_time_total / calls)
+                   for e in prof.key_averages()
+                   if e.device_type == torch.autograd.DeviceType.CUDA}
+        report[name] = {"host_us": host * 1e6,
+                        "kernels": round(sum(c for c, _ in kernels.values())),
+                        "kernel_us": sum(t for _, t in kernels.values()),
+                        "by_kernel": dict(sorted(kernels.items(), key=lambda kv: -kv[1][1]))}
+    for pipe in pipes + more:
         pipe.close()
     for p in params:
         p.grad = None
-    return counts
+    return report
 
 
 def copy_bandwidth() -> float:
@@ -431,7 +464,9 @@ def main(argv: list[str] | None = None) -> None:
                "ema_s": bench_ema(model, device, args.repeat),
                "clip_s": bench_clip(model, device, args.repeat)}
         if device == "cuda":
-            run["clip_kernels"] = kernel_counts(model)
+            run["profile"] = kernel_profiles(model)
+            run["clip_kernels"] = {k: v["kernels"] for k, v in run["profile"].items()
+                                   if k in run["clip_s"]}
         run["ema_GBps"] = {k: 12 * count / v / 1e9 for k, v in run["ema_s"].items()}
         ema = run["ema_s"]
         run["skip_aware_ratio"] = {
@@ -469,6 +504,11 @@ def print_table(report: dict) -> None:
             launches = f"  {kernels[name]:5d} kernels" if name in kernels else ""
             print(f"  clip {name:38s} {seconds * 1e3:9.3f} ms  {run['clip_ratio'][name]:7.3f}x"
                   f"{launches}")
+        for name, spent in run.get("profile", {}).items():
+            print(f"  profile {name}: host {spent['host_us']:.0f} us to issue a call, "
+                  f"{spent['kernels']} kernels, {spent['kernel_us']:.0f} us of kernel time")
+            for kernel, (count, us) in list(spent["by_kernel"].items())[:6]:
+                print(f"      {us:9.1f} us {count:5.0f}x  {kernel[:90]}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,14 @@ from helpers import round_trip
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import steadytrain
-from steadytrain.plugins.ema import EMA, _back_to_back, _masked_lerp_, ema_decay, ema_update_
+from steadytrain.plugins.ema import (
+    EMA,
+    _back_to_back,
+    _masked_lerp_,
+    ema_decay,
+    ema_update_,
+    multi_tensor,
+)
 
 
 def make_model() -> torch.nn.Module:
@@ -547,3 +554,58 @@ def test_on_cuda_the_skip_aware_update_matches_the_plain_one_without_a_host_sync
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
     for got, want in zip(device.shadow, host.shadow, strict=True):
         torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+
+
+# -- the one-launch update (Triton, on CUDA) ---------------------------------------------
+
+triton_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and multi_tensor.available(torch.empty(0, device="cuda"))),
+    reason="needs CUDA and Triton")
+
+
+@triton_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weight", [1e-3, 0.3, 0.5, 1.0])
+def test_the_one_launch_update_is_torchs_lerp_unless_skipped(dtype, weight):
+    gen = torch.Generator().manual_seed(int(weight * 1000))
+    block = multi_tensor.BLOCK
+    shapes = [(), (5,), (block,), (block + 1,), (3, block - 1), (2, 3 * block + 7)]
+    averaged = [torch.randn(s, generator=gen).to("cuda", dtype) for s in shapes]
+    current = [torch.randn(s, generator=gen).to("cuda", dtype) for s in shapes]
+    lerp = multi_tensor.MultiTensorLerp(averaged, current)
+    before = [a.clone() for a in averaged]
+    lerp(torch.tensor(weight, device="cuda"), torch.tensor(1.0, device="cuda"))
+    assert all(torch.equal(a, b) for a, b in zip(averaged, before, strict=True))
+    lerp(torch.tensor(weight, device="cuda"), torch.tensor(0.0, device="cuda"))
+    for got, a, c in zip(averaged, before, current, strict=True):
+        torch.testing.assert_close(got, torch.lerp(a, c, weight), rtol=0, atol=0)
+    again = [a.clone() for a in averaged]
+    lerp(weight)  # the weight from the host
+    for got, a, c in zip(averaged, again, current, strict=True):
+        torch.testing.assert_close(got, torch.lerp(a, c, weight), rtol=0, atol=0)
+
+
+@triton_cuda
+def test_on_cuda_the_plugin_updates_in_one_launch_and_follows_re_pointed_weights():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(16, 16) for _ in range(3))).cuda()
+    plugin = EMA(EMA.Config(decay=0.8, warmup=False))
+    steadytrain.Pipeline([plugin]).setup(model)
+    reference = [p.detach().clone() for p in model.parameters()]
+    plugin.update()
+    keep = torch.tensor(False, device="cuda")
+    for step in range(4):
+        if step == 2:
+            middle = model[1].weight
+            middle.data = middle.data.clone()  # a new address, mid-list
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p), alpha=0.1)
+        if step % 2:
+            plugin.update(skip=keep)
+        else:
+            plugin.update()
+        assert plugin._pairs[0]._launcher() is not None
+        torch._foreach_lerp_(reference, [p.detach() for p in model.parameters()], 0.2)
+    for got, want in zip(plugin.shadow, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -43,24 +43,29 @@ Caveats
     shadow holds nothing of earlier weights. Before the first update, evaluation and
     ``EMA.averaged_state_dict()`` use the training weights. Skipped optimizer steps do
     not update the average; when the host has not read the skip decision (it is still a
-    device tensor), the update is masked on the device instead of waiting for it: one
-    multi-tensor pass per dtype (torch's fused SGD kernel, which computes the average and
-    skips itself on the flag) and three scalar kernels (five with ``warmup``) that keep
-    the update count and the next weight (float32) on the device. That kernel is 13–18 %
-    slower than the plain update's ``_foreach_lerp_`` on an H200 (see the benchmarks),
-    and there the first update computes ``θ̄ − 1·(θ̄ − θ)``, which is ``θ`` up to one
-    rounding. That path runs on CUDA and for float32/float64 shadows on the CPU;
-    elsewhere (half-precision shadows on the CPU, whose fused kernel torch leaves
-    unfinished, and other devices) the flag is read on the host, which costs nothing on
-    the CPU and one sync elsewhere. When the selected weights of one dtype already lie
-    back to back in one buffer (a host that keeps its parameters flat), the shadow
-    mirrors that layout and each update is one kernel over the whole buffer instead of a
-    multi-tensor launch (with many small tensors most of that launch's time is torch's
-    own work on the host). That holds while the first and last of them still point into
-    the buffer, checked every update (a model moved with ``.to()`` falls back to the
-    per-tensor update); a single parameter in between re-pointed with ``param.data =``
-    goes unnoticed there, so re-point all or none. The shadow has the
-    dtype of its parameter: keep float32 master weights (as mixed-precision training
+    device tensor), the update is masked on the device instead of waiting for it, with
+    three scalar kernels (five with ``warmup``) that keep the update count and the next
+    weight (float32) on the device. On CUDA, with Triton (which torch's CUDA builds
+    bring), every update, plain or masked, is one launch per dtype of a Triton kernel
+    that reads the weight and the flag on the device and updates every tensor; its host
+    cost does not grow with the number of tensors, except for a check, every update,
+    that each weight still has the address the launch was built with (a ``model.to()``
+    or ``param.data =`` rebuilds it). Without Triton the plain update is torch's
+    ``_foreach_lerp_`` and the masked one torch's fused SGD kernel, which computes the
+    average and skips itself on the flag, 13–18 % slower than ``_foreach_lerp_`` on an
+    H200 (see the benchmarks); its first update computes ``θ̄ − 1·(θ̄ − θ)``, which is
+    ``θ`` up to one rounding. The masked update runs on CUDA and for float32/float64
+    shadows on the CPU; elsewhere (half-precision shadows on the CPU, whose fused kernel
+    torch leaves unfinished, and other devices) the flag is read on the host, which
+    costs nothing on the CPU and one sync elsewhere. When the selected weights of one
+    dtype already lie back to back in one buffer (a host that keeps its
+    parameters flat), the shadow mirrors that layout and each update is one kernel over
+    the whole buffer instead of a multi-tensor launch (with many small tensors most of
+    that launch's time is torch's own work on the host). That holds while the first and
+    last of them still point into the buffer, checked every update (a model moved with
+    ``.to()`` falls back to the per-tensor update); a single parameter in between
+    re-pointed with ``param.data =`` goes unnoticed there, so re-point all or none. The
+    shadow has the dtype of its parameter: keep float32 master weights (as mixed-precision training
     does), since a bfloat16 shadow cannot hold an update of ``(1 − decay)·Δ``.
     ``swap = "auto"`` exchanges tensor storage (``param.data``) for evaluation, which
     moves no bytes but changes the parameters' data pointers; use ``swap = "copy"`` for
@@ -86,6 +91,7 @@ import torch
 
 import steadytrain
 from steadytrain import validators
+from steadytrain.plugins.ema import multi_tensor
 
 
 def ema_decay(decay: float, num_updates: int, *, warmup: bool = True) -> float:
@@ -166,7 +172,11 @@ def _back_to_back(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
 
 class _Pairs:
     """Shadow tensors of one device and dtype with the tensors they average, the lists
-    built once; one flat view over each side when both lie back to back in one buffer."""
+    built once; one flat view over each side when both lie back to back in one buffer.
+
+    On CUDA with Triton every update is one launch of :class:`MultiTensorLerp` over the
+    pairs (or the flat pair), rebuilt when a weight's address changed.
+    """
 
     def __init__(self, shadow: list[torch.Tensor], current: list[torch.Tensor]) -> None:
         self.shadow, self.current = shadow, current
@@ -176,7 +186,10 @@ class _Pairs:
             self._flat = flat_shadow, flat_current
             self._ends = (current[0], current[-1])
             self._pointers = tuple(t.data_ptr() for t in self._ends)
-        self.fused = _lerps_fused(shadow[0])
+        self._triton = multi_tensor.available(shadow[0]) and all(
+            t.is_contiguous() for t in (*shadow, *current))
+        self._kernel: tuple[bool, multi_tensor.MultiTensorLerp] | None = None
+        self.fused = self._triton or _lerps_fused(shadow[0])
 
     def _sides(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if self._flat is not None:
@@ -186,14 +199,32 @@ class _Pairs:
             self._flat = None
         return self.shadow, self.current
 
+    def _launcher(self) -> multi_tensor.MultiTensorLerp | None:
+        """The one-launch update over the current sides, or None without Triton."""
+        if not self._triton:
+            return None
+        sides = self._sides()
+        flat = self._flat is not None
+        if self._kernel is None or self._kernel[0] != flat or self._kernel[1].current_moved():
+            self._kernel = flat, multi_tensor.MultiTensorLerp(*sides)
+        return self._kernel[1]
+
     def copy(self) -> None:
         torch._foreach_copy_(*self._sides())
 
     def lerp(self, weight: float) -> None:
-        torch._foreach_lerp_(*self._sides(), weight)
+        launcher = self._launcher()
+        if launcher is not None:
+            launcher(weight)
+        else:
+            torch._foreach_lerp_(*self._sides(), weight)
 
     def masked_lerp(self, weight: torch.Tensor, skip: torch.Tensor) -> None:
-        _masked_lerp_(*self._sides(), weight, skip)
+        launcher = self._launcher()
+        if launcher is not None:
+            launcher(weight, skip)
+        else:
+            _masked_lerp_(*self._sides(), weight, skip)
 
 
 def _is_sharded(tensor: torch.Tensor) -> bool:

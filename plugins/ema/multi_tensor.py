@@ -1,0 +1,151 @@
+"""The EMA update of many tensors in one kernel launch, its weight and skip flag read on
+the device.
+
+torch's multi-tensor kernels cover the update whose weight the host knows
+(``torch._foreach_lerp_``), but none moves tensors towards others by a weight that lives
+on the device, skipping itself on a device flag, at the speed of a copy; and each of
+their launches costs host work for every tensor it covers. :class:`MultiTensorLerp`
+keeps a table of the addresses of a list of shadow tensors and of the tensors they
+average, built once, and updates all of them with one Triton kernel launch whose host
+cost does not grow with the number of tensors. It needs CUDA tensors and Triton (which
+comes with torch's CUDA builds); :func:`available` says whether both are there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Sequence
+
+import torch
+
+#: Elements each program of the kernel updates: a chunk of one tensor.
+BLOCK = 1024
+_WARPS = 4
+# The weight reaches the kernel as a float32: float64 pairs keep torch's update.
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _kernel():
+    """The Triton kernel, defined on first use (Triton is imported only then)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def lerp_chunks(shadow_addresses, current_addresses, numels, chunk_tensors,
+                    chunk_starts, weight, weight_address, skip_address,
+                    DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+                    DEVICE_WEIGHT: tl.constexpr, SKIP: tl.constexpr,
+                    ALIGNED: tl.constexpr):
+        chunk = tl.program_id(0)
+        go = True
+        if SKIP:
+            go = tl.load(skip_address) == 0
+        if go:
+            tensor = tl.load(chunk_tensors + chunk)
+            start = tl.load(chunk_starts + chunk)
+            numel = tl.load(numels + tensor)
+            shadow = tl.load(shadow_addresses + tensor).to(tl.pointer_type(DTYPE))
+            current = tl.load(current_addresses + tensor).to(tl.pointer_type(DTYPE))
+            if ALIGNED:
+                # Every address is 16-byte aligned (checked on the host): vector loads.
+                shadow = tl.multiple_of(shadow, 16)
+                current = tl.multiple_of(current, 16)
+            w = tl.load(weight_address).to(tl.float32) if DEVICE_WEIGHT else weight
+            offsets = start + tl.arange(0, BLOCK)
+            # torch.lerp's formula: exact at both ends (weight 0 keeps, 1 copies).
+            if start + BLOCK <= numel:
+                # A whole chunk: no mask, so that the loads can be vectorized.
+                a = tl.load(shadow + offsets).to(tl.float32)
+                b = tl.load(current + offsets).to(tl.float32)
+                d = b - a
+                out = tl.where(w < 0.5, a + w * d, b - d * (1.0 - w))
+                tl.store(shadow + offsets, out.to(DTYPE))
+            else:
+                mask = offsets < numel
+                a = tl.load(shadow + offsets, mask=mask).to(tl.float32)
+                b = tl.load(current + offsets, mask=mask).to(tl.float32)
+                d = b - a
+                out = tl.where(w < 0.5, a + w * d, b - d * (1.0 - w))
+                tl.store(shadow + offsets, out.to(DTYPE), mask=mask)
+
+    return lerp_chunks
+
+
+@functools.cache
+def _triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available(tensor: torch.Tensor) -> bool:
+    """Whether :class:`MultiTensorLerp` can update tensors like *tensor*: a CUDA tensor of
+    a floating dtype, with Triton importable."""
+    return tensor.device.type == "cuda" and tensor.dtype in _DTYPES and _triton()
+
+
+class MultiTensorLerp:
+    """``a ← a + w·(c − a)`` for every pair of *shadow* (``a``) and *current* (``c``)
+    tensors, in one kernel launch.
+
+    The pairs must be contiguous CUDA tensors of one dtype and device, equal in shape
+    within a pair. The addresses of both lists are taken here: :meth:`current_moved`
+    says whether the tensors of *current* still have them (a ``model.to()`` or a
+    ``param.data =`` gives them new ones), and a table built before that must not be
+    used after it.
+    """
+
+    def __init__(self, shadow: Sequence[torch.Tensor], current: Sequence[torch.Tensor]) -> None:
+        import triton.language as tl
+
+        first = shadow[0]
+        self._current = list(current)
+        self._addresses = [t.data_ptr() for t in self._current]
+        device = first.device
+        numels = torch.tensor([t.numel() for t in shadow], dtype=torch.int64)
+        chunks = (numels + BLOCK - 1) // BLOCK
+        # Chunk k of all: tensor i's chunk j, starting at element j·BLOCK of tensor i.
+        chunk_tensors = torch.repeat_interleave(torch.arange(len(shadow)), chunks)
+        first_chunk = torch.cumsum(chunks, 0) - chunks
+        chunk_starts = (torch.arange(int(chunks.sum())) - first_chunk[chunk_tensors]) * BLOCK
+
+        def table(values: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        self._shadow_addresses = table([t.data_ptr() for t in shadow], torch.int64)
+        self._current_addresses = table(self._addresses, torch.int64)
+        self._numels = numels.to(device)
+        self._chunk_tensors = chunk_tensors.to(device, torch.int32)
+        self._chunk_starts = chunk_starts.to(device)
+        self._grid = (len(chunk_starts),)
+        self._dtype = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+                       torch.float16: tl.float16}[first.dtype]
+        self._aligned = all(t.data_ptr() % 16 == 0 for t in (*shadow, *current))
+        self._device = device
+        # Kept alive with the table: the kernel reads these addresses.
+        self._shadow = list(shadow)
+
+    def current_moved(self) -> bool:
+        """Whether a tensor of *current* no longer has the address in the table."""
+        return [t.data_ptr() for t in self._current] != self._addresses
+
+    def __call__(self, weight: float | torch.Tensor, skip: torch.Tensor | None = None) -> None:
+        """Update every pair by *weight* (a float, or a 0-d float32 tensor on the pairs'
+        device), unless *skip* (a 0-d tensor there) is nonzero."""
+        on_device = isinstance(weight, torch.Tensor)
+        cuda = self._device.type == "cuda"  # else Triton's interpreter (TRITON_INTERPRET=1)
+        with torch.cuda.device(self._device) if cuda else contextlib.nullcontext():
+            _kernel()[self._grid](
+                self._shadow_addresses, self._current_addresses, self._numels,
+                self._chunk_tensors, self._chunk_starts,
+                0.0 if on_device else float(weight),
+                weight if on_device else self._numels,
+                self._numels if skip is None else skip,
+                DTYPE=self._dtype, BLOCK=BLOCK,
+                DEVICE_WEIGHT=on_device, SKIP=skip is not None, ALIGNED=self._aligned,
+                num_warps=_WARPS,
+            )
