@@ -394,9 +394,13 @@ def profile(device: torch.device, train: Callable, gpt: nn.Module, batches: list
     for name in VARIANTS:
         clock = StepClock(device, steps)
         torch.cuda.synchronize()
-        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             train(name, gpt, batches, clock)
             torch.cuda.synchronize()
+        # The GPU time of the kernels each torch operator launched itself, by operator.
+        by_op = {e.key: (e.count, e.self_device_time_total) for e in prof.key_averages()
+                 if e.device_type == torch.autograd.DeviceType.CPU
+                 and e.self_device_time_total > 0}
         path = os.path.join(tempfile.mkdtemp(), f"trace_{name}.json")
         prof.export_chrome_trace(path)
         intervals, calls, spent = gpu_intervals(path)
@@ -406,7 +410,7 @@ def profile(device: torch.device, train: Callable, gpt: nn.Module, batches: list
         report[name] = {"kernels_per_step": sum(calls.values()) / steps,
                         "kernel_ms_per_step": sum(spent.values()) / steps / 1e3,
                         "idle_ms_per_step": (step_ms - busy_ms) / steps,
-                        "calls": dict(calls), "spent_us": dict(spent)}
+                        "calls": dict(calls), "spent_us": dict(spent), "by_op": by_op}
         print(f"profile {name}: {report[name]['kernels_per_step']:.0f} kernels/step, "
               f"{report[name]['kernel_ms_per_step']:.3f} ms of kernel time/step, GPU idle "
               f"{report[name]['idle_ms_per_step']:.3f} ms/step", flush=True)
@@ -420,6 +424,15 @@ def profile(device: torch.device, train: Callable, gpt: nn.Module, batches: list
     for kernel in [*ordered[::-1][:12], *ordered[:6]]:
         more = adapter["calls"].get(kernel, 0) - hand["calls"].get(kernel, 0)
         print(f"  {extra(kernel) / steps / 1e3:+.3f} ms  {more / steps:+.1f} calls  {kernel[:100]}")
+
+    def extra_op(op: str) -> float:
+        return adapter["by_op"].get(op, (0, 0.0))[1] - hand["by_op"].get(op, (0, 0.0))[1]
+
+    ordered = sorted(set(hand["by_op"]) | set(adapter["by_op"]), key=extra_op)
+    print("operators whose kernels take the most more (+) or less (-) time per step there:")
+    for op in [*ordered[::-1][:10], *ordered[:5]]:
+        more = adapter["by_op"].get(op, (0, 0.0))[0] - hand["by_op"].get(op, (0, 0.0))[0]
+        print(f"  {extra_op(op) / steps / 1e3:+.3f} ms  {more / steps:+.1f} calls  {op}")
     return report
 
 

@@ -15,7 +15,8 @@ Times, per update, for models of 10M to 1B float32 parameters shaped like a tran
   ``torch._foreach_lerp_``, and the plugin on the same weights moved into one buffer.
 * Clipping: the ``grad_clip`` plugin's ``after_backward`` in each mode (two groups,
   metrics included) and the plain ``clip_grad_groups_``, against one
-  ``clip_grad_norm_(foreach=True)`` over all parameters.
+  ``clip_grad_norm_(foreach=True)`` per group and one over all parameters; on CUDA
+  also the ratio of the kernels' GPU time (torch's profiler) to the per-group calls'.
 
 Run: ``python benchmarks/bench_ema_clip.py --sizes 10 100 [--device cuda] [--json out.json]``.
 On CUDA the script also measures a device-to-device copy (the practical bandwidth
@@ -256,8 +257,8 @@ def bench_clip(model: torch.nn.Module, device: str, repeat: int) -> dict[str, fl
     results = {"clip_grad_norm_(foreach=True)": timed(
         lambda: torch.nn.utils.clip_grad_norm_(params, limit, foreach=True), device, repeat
     )}
-    memory = [p for n, p in model.named_parameters() if "memory" in n]
-    rest = [p for n, p in model.named_parameters() if "memory" not in n]
+    memory, rest = split_groups(model)
+    results[PER_GROUP] = timed(clip_per_group(memory, rest, limit), device, repeat)
     results["clip_grad_groups_ (2 groups)"] = timed(
         lambda: clip_grad_groups_([memory, rest], [limit, limit]), device, repeat
     )
@@ -274,6 +275,24 @@ def bench_clip(model: torch.nn.Module, device: str, repeat: int) -> dict[str, fl
     for p in params:
         p.grad = None
     return results
+
+
+PER_GROUP = "clip_grad_norm_(foreach=True) per group (2 calls)"
+
+
+def split_groups(model: torch.nn.Module) -> tuple[list, list]:
+    """The two clipping groups: the ``*memory*`` matrices and the rest."""
+    memory = [p for n, p in model.named_parameters() if "memory" in n]
+    return memory, [p for n, p in model.named_parameters() if "memory" not in n]
+
+
+def clip_per_group(memory: list, rest: list, limit: float) -> Callable[[], None]:
+    """One ``clip_grad_norm_(foreach=True)`` per group: the baseline of the clipping goal."""
+    def call() -> None:
+        torch.nn.utils.clip_grad_norm_(memory, limit, foreach=True)
+        torch.nn.utils.clip_grad_norm_(rest, limit, foreach=True)
+
+    return call
 
 
 def clipping_call(pipe: steadytrain.Pipeline, plugin: GradClip):
@@ -293,7 +312,7 @@ def clip_variants(model: torch.nn.Module) -> tuple[dict[str, Callable[[], None]]
     """One call of each clipping variant, keyed as in the timings, and their pipelines."""
     params = list(model.parameters())
     variants = {"clip_grad_norm_(foreach=True)": lambda: torch.nn.utils.clip_grad_norm_(
-        params, 1e30, foreach=True)}
+        params, 1e30, foreach=True), PER_GROUP: clip_per_group(*split_groups(model), 1e30)}
     pipes = []
     for mode in ("norm", "adaptive", "agc"):
         plugin = GradClip(GradClip.Config(
@@ -475,6 +494,13 @@ def main(argv: list[str] | None = None) -> None:
             / ema["steadytrain ema, warmup"]}
         base = run["clip_s"]["clip_grad_norm_(foreach=True)"]
         run["clip_ratio"] = {k: v / base for k, v in run["clip_s"].items()}
+        per_group = run["clip_s"][PER_GROUP]
+        run["clip_ratio_per_group"] = {k: v / per_group for k, v in run["clip_s"].items()}
+        if "profile" in run:
+            kernel = run["profile"][PER_GROUP]["kernel_us"]
+            run["clip_kernel_ratio_per_group"] = {
+                k: run["profile"][k]["kernel_us"] / kernel for k in run["clip_s"]
+                if k in run["profile"]}
         report["runs"].append(run)
         print(json.dumps(run), flush=True)
         del model
@@ -502,8 +528,10 @@ def print_table(report: dict) -> None:
         kernels = run.get("clip_kernels", {})
         for name, seconds in run["clip_s"].items():
             launches = f"  {kernels[name]:5d} kernels" if name in kernels else ""
+            kernel = run.get("clip_kernel_ratio_per_group", {})
+            kernel = f"  kernel time {kernel[name]:6.3f}x per group" if name in kernel else ""
             print(f"  clip {name:38s} {seconds * 1e3:9.3f} ms  {run['clip_ratio'][name]:7.3f}x"
-                  f"{launches}")
+                  f"  {run['clip_ratio_per_group'][name]:7.3f}x per group{launches}{kernel}")
         for name, spent in run.get("profile", {}).items():
             print(f"  profile {name}: host {spent['host_us']:.0f} us to issue a call, "
                   f"{spent['kernels']} kernels, {spent['kernel_us']:.0f} us of kernel time")

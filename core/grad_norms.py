@@ -90,9 +90,12 @@ def total_norm(
     norm_type = check_norm_type(norm_type)
     if not norms:
         return torch.zeros((), device=device)
-    first = norms[0].device
-    stacked = torch.stack([n.to(first) for n in norms]).float()
-    return torch.linalg.vector_norm(stacked, norm_type)
+    try:
+        stacked = torch.stack(list(norms))
+    except RuntimeError:  # norms on several devices: gathered on the first one's
+        first = norms[0].device
+        stacked = torch.stack([n.to(first) for n in norms])
+    return torch.linalg.vector_norm(stacked.float(), norm_type)
 
 
 class GradientNorms:

@@ -12,6 +12,7 @@ from steadytrain.plugins.grad_clip import (
     clip_grad_groups_,
     grad_group_norms,
     unitwise_clip_grad_,
+    unitwise_kernel,
 )
 
 
@@ -204,6 +205,39 @@ def test_unitwise_clipping_in_stacks_matches_the_formula(stack_bytes, device, mo
             torch.cuda.set_sync_debug_mode("default")
     for p, want in zip(params, expected, strict=True):
         torch.testing.assert_close(p.grad.cpu(), want)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and unitwise_kernel.available(
+    torch.empty(1, device="cuda"), torch.empty(1, device="cuda"))), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_on_cuda_the_one_pass_kernel_clips_like_torchs_kernels(dtype, monkeypatch):
+    from steadytrain.plugins import grad_clip
+
+    def made():
+        params = same_shaped(7, "cuda")
+        params.append(torch.randn(3, 20000, device="cuda"))  # rows longer than MAX_BLOCK
+        params[-1].grad = torch.randn(3, 20000, device="cuda")
+        for p in params:
+            p.data, p.grad = p.data.to(dtype), p.grad.to(dtype)
+        return params
+
+    one_pass, by_torch = made(), made()
+    norms, factors = grad_clip._unitwise_clip_(one_pass, 0.1, 1e-3)
+    assert all(n.ndim == 1 for n in norms)  # one a row: the kernel's output
+    monkeypatch.setattr(unitwise_kernel, "available", lambda weight, grad: False)
+    want_norms, want_factors = grad_clip._unitwise_clip_(by_torch, 0.1, 1e-3)
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    for got, want in zip(one_pass, by_torch, strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=tolerance, atol=tolerance)
+
+    def total(tensors):
+        return torch.linalg.vector_norm(torch.cat([t.flatten().double() for t in tensors]))
+
+    torch.testing.assert_close(total(norms), total(want_norms), rtol=tolerance, atol=0)
+    torch.testing.assert_close(total([f * n for f, n in zip(factors, norms, strict=True)]),
+                               total([f * n for f, n in zip(want_factors, want_norms,
+                                                            strict=True)]),
+                               rtol=tolerance, atol=0)
 
 
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])

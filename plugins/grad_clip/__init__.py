@@ -8,9 +8,10 @@ What it does
     group alone. Each group's norm is its total norm as torch's ``get_total_norm`` takes
     it, combined from the per-tensor norms the step's plugins share
     (``ctx.gradient_norm``: one fused pass over the gradients serves the guard, the
-    clipping and the metrics alike), and its gradients are scaled by torch's
-    ``clip_grads_with_norm_`` (one fused call each), with the norm kept as a device
-    tensor: the host never waits for the device. Three modes:
+    clipping and the metrics alike), and its gradients are scaled by the coefficient of
+    ``clip_grad_norm_``, ``min(1, max_norm / (norm + 1e-6))``, in one fused
+    ``_foreach_mul_`` per group, the norm and the coefficient kept as device tensors: the
+    host never waits for the device. Three modes:
 
     ``norm``
         The threshold is ``max_norm``.
@@ -61,12 +62,16 @@ Caveats
     same parameter are a config error. Gradients of one instance must be on one device.
     Non-finite gradients make the coefficient NaN, as with ``clip_grad_norm_``: put a
     non-finite guard before the optimizer step. ``agc`` needs the unit norms of weights
-    and gradients, which no fused kernel computes over many tensors: tensors of up to 2²⁰
-    elements are stacked with the others of their shape (two norms, one scaling and a
-    copy back per stack), larger ones take two norm kernels and a scaling each. With
+    and gradients, which no fused kernel of torch computes over many tensors. On CUDA
+    with Triton (which torch's CUDA builds bring) one Triton kernel a tensor takes both
+    rows' norms and scales the gradient's row in the same pass, reading weight and
+    gradient once; tensors of up to 2¹⁶ elements go in stacks with the others of their
+    shape (one kernel and a copy back per stack). Elsewhere torch's kernels do it:
+    tensors of up to 2²⁰ elements are stacked (two norms, one scaling and a copy back
+    per stack), larger ones take two norm kernels and a scaling each. With
     ``norm_type`` 2 its pre- and post-clip group norms come from the unit norms, without
-    a pass over the gradients; other norm types take a fused pass before and after. It
-    is slower than the other modes (see the benchmarks). Under gradient scaling
+    a pass over the gradients; other norm types take a fused pass before and after. See
+    the benchmarks for what each path costs. Under gradient scaling
     (AMP), unscale before ``after_backward``. Sharded parameters (FSDP2's DTensors): a
     group's norm covers every rank's shard, so all ranks clip by the norm of the whole
     gradient, as one process would (one all-reduce per group); ``agc`` needs the rows of
@@ -86,6 +91,7 @@ import torch
 
 import steadytrain
 from steadytrain import validators
+from steadytrain.plugins.grad_clip import unitwise_kernel
 
 MODES = ("norm", "adaptive", "agc")
 DEFAULT_GROUP = "default"
@@ -210,13 +216,18 @@ def _unit_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 #: Tensors of at most this many elements are clipped in stacks with others of their shape
 #: (at most ``_STACK_BYTES`` a stack): stacking costs passes over their bytes, but their
-#: time goes into launches, three a tensor otherwise (two norms and the scaling).
+#: time goes into launches, three a tensor otherwise (two norms and the scaling), or one
+#: Triton launch, whose host cost is higher, up to ``_ONE_PASS_STACK_NUMEL``.
 _STACK_NUMEL = 2**20
+_ONE_PASS_STACK_NUMEL = 2**16
 _STACK_BYTES = 2**26
 
 
-def _stacks(tensors: Sequence[torch.Tensor]) -> tuple[list[int], list[list[int]]]:
-    """Positions of the tensors clipped alone, and of those clipped in stacks.
+def _stacks(
+    tensors: Sequence[torch.Tensor], most: int
+) -> tuple[list[int], list[list[int]]]:
+    """Positions of the tensors clipped alone, and of those of at most *most* elements
+    clipped in stacks.
 
     DTensors are clipped alone: a rank's shards of one shape may differ from another's,
     and the norm of a sharded vector needs every rank's shard.
@@ -225,7 +236,7 @@ def _stacks(tensors: Sequence[torch.Tensor]) -> tuple[list[int], list[list[int]]
     alone: list[int] = []
     by_kind: dict[tuple[Any, ...], list[int]] = {}
     for index, t in enumerate(tensors):
-        if t.numel() > _STACK_NUMEL or (dtensor is not None and isinstance(t, dtensor)):
+        if t.numel() > most or (dtensor is not None and isinstance(t, dtensor)):
             alone.append(index)
         else:
             by_kind.setdefault((tuple(t.shape), t.dtype, t.device), []).append(index)
@@ -254,7 +265,11 @@ def _unitwise_clip_(
     """AGC of *params* (all with gradients); returns the unit norms of the gradients
     before clipping and the factors they were scaled by (as lists of like tensors)."""
     grads = [p.grad for p in params]
-    alone, stacks = _stacks(params)
+    dtensor = _dtensor_class()
+    if not any(dtensor is not None and isinstance(p, dtensor) for p in params) and all(
+            unitwise_kernel.available(p, g) for p, g in zip(params, grads, strict=True)):
+        return _one_pass_clip_(params, grads, clipping, eps)
+    alone, stacks = _stacks(params, _STACK_NUMEL)
     stacked_grads = [torch.stack([grads[i] for i in stack]) for stack in stacks]
     factors = [*_unit_norms([params[i] for i in alone]),
                *(_stacked_unit_norms(torch.stack([params[i] for i in stack]))
@@ -273,6 +288,30 @@ def _unitwise_clip_(
     for stack, scaled in zip(stacks, stacked_grads, strict=True):
         torch._foreach_copy_([grads[i] for i in stack], list(scaled.unbind(0)))
     return grad_norms, factors
+
+
+def _one_pass_clip_(
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], clipping: float, eps: float
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """:func:`_unitwise_clip_` with one Triton kernel per tensor or stack of tensors (both
+    norms and the scaling in one pass); the unit norms and factors come one a unit."""
+    alone, stacks = _stacks(params, _ONE_PASS_STACK_NUMEL)
+    pairs = [(params[i], grads[i], params[i].shape) for i in alone]
+    stacked = [(torch.stack([params[i] for i in stack]), torch.stack([grads[i] for i in stack]),
+                params[stack[0]].shape) for stack in stacks]
+    results = [unitwise_kernel.clip_rows_(_units(w, shape), _units(g, shape), clipping, eps)
+               for w, g, shape in (*pairs, *stacked)]
+    for stack, (_, scaled, _) in zip(stacks, stacked, strict=True):
+        torch._foreach_copy_([grads[i] for i in stack], list(scaled.unbind(0)))
+    return [norms for norms, _ in results], [factors for _, factors in results]
+
+
+def _units(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """*tensor*, one or more tensors of *shape* back to back, as a matrix of one output
+    unit a row: a row along dimension 0 of each, or each whole when it has at most one
+    dimension."""
+    length = math.prod(shape[1:]) if len(shape) > 1 else math.prod(shape)
+    return tensor.view(tensor.numel() // length if length else 0, max(length, 1))
 
 
 def _check_rows_whole(params: Sequence[torch.Tensor]) -> None:
@@ -411,18 +450,12 @@ class GradClip(steadytrain.Plugin):
             limits = self._max_norms
             if self.config.mode == "adaptive":
                 limits = self._adaptive_limits(norms)
-                coefficients = clip_coefficients(norms, limits)
-                # The thresholds are device tensors: clip_grads_with_norm_ would read each
-                # on the host, so the group is scaled by its coefficient directly.
-                for group_grads, coefficient in zip(grads, coefficients, strict=True):
-                    if group_grads:
-                        torch._foreach_mul_([_local(g) for g in group_grads], coefficient)
-            else:
-                coefficients = clip_coefficients(norms, limits)
-                for group, params, norm in zip(self.groups, self.params, norms, strict=True):
-                    # max_norm as a Python float: torch reads a tensor threshold on the host
-                    torch.nn.utils.clip_grads_with_norm_(params, group.max_norm, norm,
-                                                         foreach=True)
+            coefficients = clip_coefficients(norms, limits)
+            # Each group scaled by its coefficient, a device tensor, in one fused call (as
+            # clip_grads_with_norm_ does, without its per-call regrouping).
+            for group_grads, coefficient in zip(grads, coefficients, strict=True):
+                if group_grads:
+                    torch._foreach_mul_([_local(g) for g in group_grads], coefficient)
             after = norms * coefficients
         for index, group in enumerate(self.groups):
             ctx.log(f"{group.name}/pre_norm", norms[index])
