@@ -15,6 +15,12 @@ interleaved, medians over ``--repeats`` rounds:
   (a gather and ``mean(dtype=float32)``), as the term was computed before it had its own
   backward.
 
+With ``--layout converted`` the losses read the logits as a Hugging Face model's do under
+Accelerate's mixed precision: the cross-entropy (plain or smoothed) takes one float32
+copy of the bf16 logits (autocast's), and the term another one (the float32 copy of the
+model's outputs that Accelerate hands over), of which it is the only consumer, so its
+gradient is written out whole instead of being added to the cross-entropy's.
+
 The cost of smoothing is each variant's time minus ``cross_entropy``; the ratio of the
 term's cost to torch's is the figure of merit. The script also checks that the term's loss
 and gradient match torch's in the logits' dtype, and runs the term under
@@ -43,17 +49,26 @@ def plain_autograd_term(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return SMOOTHING * torch.where(valid, picked.float() - mean, 0.0).sum() / valid.sum()
 
 
-def losses(y: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+def losses(y: torch.Tensor, layout: str) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     flat = y.flatten()
+    converted = layout == "converted"
 
     def ce(x: torch.Tensor, **options: float) -> torch.Tensor:
-        return F.cross_entropy(x.flatten(0, 1), flat, **options)
+        return F.cross_entropy((x.float() if converted else x).flatten(0, 1), flat, **options)
+
+    def with_term(term: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable:
+        # Converted: the term reads the float32 copy of the outputs, cross-entropy its own.
+        return lambda x: ce(x) + term(x.float() if converted else x, y)
+
+    def alone(loss: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+        # Converted: the copy of the outputs is made even though nothing reads it.
+        return lambda x: (x.float(), loss(x))[1] if converted else loss(x)
 
     return {
-        "cross_entropy": ce,
-        "torch label_smoothing": lambda x: ce(x, label_smoothing=SMOOTHING),
-        "cross_entropy + term": lambda x: ce(x) + label_smoothing_term(x, y, SMOOTHING),
-        "cross_entropy + term, plain autograd": lambda x: ce(x) + plain_autograd_term(x, y),
+        "cross_entropy": alone(ce),
+        "torch label_smoothing": alone(lambda x: ce(x, label_smoothing=SMOOTHING)),
+        "cross_entropy + term": with_term(lambda x, t: label_smoothing_term(x, t, SMOOTHING)),
+        "cross_entropy + term, plain autograd": with_term(plain_autograd_term),
     }
 
 
@@ -72,6 +87,8 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=50257)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--layout", choices=("shared", "converted"), default="shared",
+                        help="converted: as a Hugging Face model under Accelerate (above)")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     cuda = device.type == "cuda"
@@ -80,7 +97,7 @@ def main() -> None:
         dtype).requires_grad_()
     y = torch.randint(0, args.classes, (args.batch, args.seq), device=device)
     y[0, :7] = -100
-    variants = losses(y)
+    variants = losses(y, args.layout)
 
     reference = run(leaf, variants["torch label_smoothing"]), leaf.grad.clone()
     for name in ("cross_entropy + term", "cross_entropy + term, plain autograd"):
@@ -120,7 +137,8 @@ def main() -> None:
     medians = {name: statistics.median(t) for name, t in times.items()}
     base = medians["cross_entropy"]
     torch_cost = medians["torch label_smoothing"] - base
-    print(f"\nlogits {args.batch}×{args.seq}×{args.classes} {args.dtype}, forward + backward, "
+    print(f"\nlogits {args.batch}×{args.seq}×{args.classes} {args.dtype}, {args.layout} layout, "
+          "forward + backward, "
           f"median of {args.repeats} (ms); cost = time − cross_entropy")
     print(f"{'variant':40}{'ms':>9}{'cost':>9}{'÷ torch':>9}{'spread':>9}")
     for name, median in medians.items():

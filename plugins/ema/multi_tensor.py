@@ -113,14 +113,18 @@ class MultiTensorLerp:
         first_chunk = torch.cumsum(chunks, 0) - chunks
         chunk_starts = (torch.arange(int(chunks.sum())) - first_chunk[chunk_tensors]) * BLOCK
 
-        def table(values: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+        def table(values: torch.Tensor) -> torch.Tensor:
+            # From pinned memory, asynchronously: a copy from pageable memory would wait
+            # for the device (torch keeps the pinned block until the copy is done).
+            if device.type != "cuda":
+                return values.to(device)
+            return values.pin_memory().to(device, non_blocking=True)
 
-        self._shadow_addresses = table([t.data_ptr() for t in shadow], torch.int64)
-        self._current_addresses = table(self._addresses, torch.int64)
-        self._numels = numels.to(device)
-        self._chunk_tensors = chunk_tensors.to(device, torch.int32)
-        self._chunk_starts = chunk_starts.to(device)
+        self._shadow_addresses = table(torch.tensor([t.data_ptr() for t in shadow]))
+        self._current_addresses = table(torch.tensor(self._addresses))
+        self._numels = table(numels)
+        self._chunk_tensors = table(chunk_tensors.int())
+        self._chunk_starts = table(chunk_starts)
         self._grid = (len(chunk_starts),)
         self._dtype = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
                        torch.float16: tl.float16}[first.dtype]

@@ -345,3 +345,26 @@ def test_bfloat16_logits_match_torchs_label_smoothed_cross_entropy():
     assert error < 1e-2 and error < 2 * torch_error
     torch.testing.assert_close(loss.double(), exact_loss, rtol=1e-2, atol=0)
     torch.testing.assert_close(loss.double(), torch_loss.double(), rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_term_that_alone_reads_its_logits_gives_torchs_label_smoothed_gradient(device, dtype):
+    """As under Accelerate's mixed precision: the host's cross-entropy reads one float32
+    copy of the logits and the term another, whose gradient is then the term's alone."""
+    logits, targets = batch(4, 33, classes=5000, ignored=5)
+    logits, targets = logits.to(device, dtype), targets.to(device)
+
+    def grad_of(loss_of):
+        x = logits.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(loss_of(x), x)
+        return grad
+
+    def ce(x, **options):
+        return F.cross_entropy(x.float().flatten(0, 1), targets.flatten(), **options)
+
+    grad = grad_of(lambda x: ce(x) + label_smoothing_term(x.float(), targets, 0.1))
+    expected = grad_of(lambda x: ce(x, label_smoothing=0.1))
+    rtol, atol = {torch.float32: (1e-5, 1e-7), torch.bfloat16: (1e-2, 1e-5)}[dtype]
+    torch.testing.assert_close(grad, expected, rtol=rtol, atol=atol)

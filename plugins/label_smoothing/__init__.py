@@ -56,8 +56,13 @@ Caveats
     its backward hands the autograd engine the share of the gradient that every class
     gets as a broadcast, and the hook adds the target classes' share into the summed
     gradient in place, so the gradient costs one pass over the logits' gradient, as with
-    torch's own ``label_smoothing=`` (docs/benchmarks.md). A hook that the host registers
-    on the logits before the term is computed sees their gradient without that share.
+    torch's own ``label_smoothing=`` (docs/benchmarks.md). Where nothing else reads the
+    logits (the host's cross-entropy took another copy of them, as a Hugging Face model
+    under Accelerate's mixed precision does), there is no gradient to add the broadcast
+    to, and the term's gradient is written out whole: on CUDA with Triton by one kernel
+    at about the speed of a copy, elsewhere by torch's strided copy and a scatter. A hook
+    that the host registers on the logits before the term is computed sees their
+    gradient without that share.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 import steadytrain
+from steadytrain.plugins.label_smoothing import gradient_kernel
 from steadytrain.sources import CHECKS, at_least_float32
 from steadytrain.validators import in_range, non_empty_str, one_of, optional
 
@@ -146,8 +152,19 @@ class _TargetShare:
             return None
         index, share, broadcast = pending
         if grad.data_ptr() == broadcast.data_ptr():
-            grad = grad.contiguous()
+            return _whole_gradient(grad, self.class_dim, index, share)
         return grad.scatter_add_(self.class_dim, index, share.to(grad.dtype))
+
+
+def _whole_gradient(
+    broadcast: torch.Tensor, class_dim: int, index: torch.Tensor, share: torch.Tensor
+) -> torch.Tensor:
+    """The term's gradient written out: the *broadcast* share of every class with each
+    target's *share* added at *index*; one Triton pass on CUDA where it can."""
+    if gradient_kernel.available(broadcast, class_dim):
+        return gradient_kernel.smoothing_gradient(broadcast.shape, broadcast.dtype, share,
+                                                  index)
+    return broadcast.contiguous().scatter_add_(class_dim, index, share.to(broadcast.dtype))
 
 
 class _Smoothing(torch.autograd.Function):
@@ -185,7 +202,7 @@ class _Smoothing(torch.autograd.Function):
         if ctx.targeted is not None:
             ctx.targeted.pending = (index, share, logits_grad)
         else:
-            logits_grad = logits_grad.contiguous().scatter_add_(dim, index, share.to(ctx.dtype))
+            logits_grad = _whole_gradient(logits_grad, dim, index, share)
         return logits_grad, None, None, None, None, None
 
 
