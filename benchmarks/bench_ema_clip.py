@@ -303,6 +303,9 @@ def clipping_call(pipe: steadytrain.Pipeline, plugin: GradClip):
 
     def call() -> None:
         ctx.norm_cache = GradientNorms(lambda: model_params)
+        # The pipeline takes the step's metrics off the context after every step: kept
+        # here, thousands of them would slow the host down (a growing heap to collect).
+        ctx.staged.clear()
         plugin.after_backward(ctx)
 
     return call

@@ -43,11 +43,12 @@ Caveats
     shadow holds nothing of earlier weights. Before the first update, evaluation and
     ``EMA.averaged_state_dict()`` use the training weights. Skipped optimizer steps do
     not update the average; when the host has not read the skip decision (it is still a
-    device tensor), the update is masked on the device instead of waiting for it, with
-    three scalar kernels (five with ``warmup``) that keep the update count and the next
-    weight (float32) on the device. On CUDA, with Triton (which torch's CUDA builds
-    bring), every update, plain or masked, is one launch per dtype of a Triton kernel
-    that reads the weight and the flag on the device and updates every tensor; its host
+    device tensor), the update is masked on the device instead of waiting for it, and
+    the update count and the next weight (float32) stay on the device too. On CUDA,
+    with Triton (which torch's CUDA builds bring), every update, plain or masked, is one
+    launch per dtype of a Triton kernel that reads the weight and the flag on the device
+    and updates every tensor, and a masked one takes one more launch for the count and
+    the next weight (elsewhere three scalar kernels, five with ``warmup``); its host
     cost does not grow with the number of tensors, except for a check, every update,
     that each weight still has the address the launch was built with (a ``model.to()``
     or ``param.data =`` rebuilds it). Without Triton the plain update is torch's
@@ -186,10 +187,10 @@ class _Pairs:
             self._flat = flat_shadow, flat_current
             self._ends = (current[0], current[-1])
             self._pointers = tuple(t.data_ptr() for t in self._ends)
-        self._triton = multi_tensor.available(shadow[0]) and all(
+        self.triton = multi_tensor.available(shadow[0]) and all(
             t.is_contiguous() for t in (*shadow, *current))
         self._kernel: tuple[bool, multi_tensor.MultiTensorLerp] | None = None
-        self.fused = self._triton or _lerps_fused(shadow[0])
+        self.fused = self.triton or _lerps_fused(shadow[0])
 
     def _sides(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if self._flat is not None:
@@ -201,7 +202,7 @@ class _Pairs:
 
     def _launcher(self) -> multi_tensor.MultiTensorLerp | None:
         """The one-launch update over the current sides, or None without Triton."""
-        if not self._triton:
+        if not self.triton:
             return None
         sides = self._sides()
         flat = self._flat is not None
@@ -219,7 +220,8 @@ class _Pairs:
         else:
             torch._foreach_lerp_(*self._sides(), weight)
 
-    def masked_lerp(self, weight: torch.Tensor, skip: torch.Tensor) -> None:
+    def masked_lerp(self, weight: torch.Tensor, skip: torch.Tensor | None) -> None:
+        """*skip*: a float32 flag (any dtype on the Triton path, None for never)."""
         launcher = self._launcher()
         if launcher is not None:
             launcher(weight, skip)
@@ -271,7 +273,11 @@ def _layout(tensor: torch.Tensor) -> str:
 class _DeviceCount:
     """What the update keeps on the device once a skip flag stayed there."""
 
-    #: The update count (float64, exact), then 10 + count with warmup.
+    #: The update count and 10 + the count (float64, exact), in one tensor.
+    counts: torch.Tensor
+    #: ``1 − decay``: the least weight of an update after the first.
+    least_weight: float
+    #: Views of ``counts``: the count, then 10 + count with warmup.
     counters: list[torch.Tensor]
     #: The least weight of the next update: 1 until an update was applied, then 1 − decay.
     floor: torch.Tensor
@@ -365,6 +371,7 @@ class EMA(steadytrain.Plugin):
         ]
         # Without the fused kernel a device-side flag is read on the host instead.
         self._on_device = all(pairs.fused for pairs in self._pairs)
+        self._one_launch = all(pairs.triton for pairs in self._pairs)
         # FSDP2 gathers a parameter from its own storage, not from ``param.data``.
         self._by_pointer = self.config.swap == "auto" and not moves and not sharded
         self._backup: list[torch.Tensor] | None = None
@@ -422,6 +429,15 @@ class EMA(steadytrain.Plugin):
     def _masked_update(self, skip: torch.Tensor | None) -> None:
         """The update with its weight and the count on the device, skipped where *skip*."""
         state = self._device_state or self._start_device_state()
+        if self._one_launch:
+            # Two launches in all: the update, then the count and the next weight.
+            flag = None if skip is None else skip.to(state.floor.device)
+            for pairs in self._pairs:
+                pairs.masked_lerp(state.weight, flag)
+            multi_tensor.count_update_(state.counts, state.floor, state.weight, flag,
+                                       state.least_weight, warmup=self.config.warmup)
+            self._count = state.counters[0]
+            return
         skipped = state.never if skip is None else skip.reshape(()).to(
             state.never.device, torch.float32)
         for pairs in self._pairs:
@@ -447,11 +463,12 @@ class EMA(steadytrain.Plugin):
 
         decay = self.config.decay
         weight = 1.0 if count == 0 else 1.0 - ema_decay(decay, count, warmup=self.config.warmup)
-        counters = [full(count, torch.float64)]
-        if self.config.warmup:
-            counters.append(full(10 + count, torch.float64))
+        counts = full(count, torch.float64).repeat(2)
+        counts[1:] += 10  # a kernel on the device, not a copy from the host
+        counters = list(counts.unbind()) if self.config.warmup else [counts[0]]
         floor = full(1.0 if count == 0 else 1.0 - decay)
         self._device_state = _DeviceCount(
+            counts=counts, least_weight=1.0 - decay,
             counters=counters, floor=floor, weight=full(weight) if self.config.warmup else floor,
             after_first=full(1.0 - decay), never=full(0.0),
             nine=full(9.0, torch.float64), ones=[full(1.0, torch.float64)] * len(counters))

@@ -41,7 +41,7 @@ def _kernel():
         chunk = tl.program_id(0)
         go = True
         if SKIP:
-            go = tl.load(skip_address) == 0
+            go = tl.load(skip_address) == 0  # the flag in its own dtype (bool, float, int)
         if go:
             tensor = tl.load(chunk_tensors + chunk)
             start = tl.load(chunk_starts + chunk)
@@ -71,6 +71,43 @@ def _kernel():
                 tl.store(shadow + offsets, out.to(DTYPE), mask=mask)
 
     return lerp_chunks
+
+
+@functools.cache
+def _count_kernel():
+    """The Triton kernel of :func:`count_update_`, defined on first use."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def count_update(counts, floor, weight, skip_address, least_weight,
+                     SKIP: tl.constexpr, WARMUP: tl.constexpr):
+        go = True
+        if SKIP:
+            go = tl.load(skip_address) == 0
+        if go:
+            tl.store(counts, tl.load(counts) + 1.0)
+            tl.store(floor, least_weight)
+            if WARMUP:
+                shifted = tl.load(counts + 1) + 1.0
+                tl.store(counts + 1, shifted)
+                tl.store(weight, tl.maximum((9.0 / shifted).to(tl.float32), least_weight))
+
+    return count_update
+
+
+def count_update_(
+    counts: torch.Tensor, floor: torch.Tensor, weight: torch.Tensor,
+    skip: torch.Tensor | None, least_weight: float, *, warmup: bool,
+) -> None:
+    """The EMA's bookkeeping after a masked update, in one launch, unless *skip* holds:
+    ``counts[0]`` (float64) counts the update, *floor* becomes *least_weight*
+    (``1 − decay``); with *warmup* ``counts[1]`` (10 + the count) counts it too and
+    *weight* becomes ``max(9 / counts[1], floor)``, the next update's."""
+    cuda = counts.device.type == "cuda"  # else Triton's interpreter (TRITON_INTERPRET=1)
+    with torch.cuda.device(counts.device) if cuda else contextlib.nullcontext():
+        _count_kernel()[(1,)](counts, floor, weight, counts if skip is None else skip,
+                              float(least_weight), SKIP=skip is not None, WARMUP=warmup)
 
 
 @functools.cache
