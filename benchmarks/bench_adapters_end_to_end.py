@@ -24,6 +24,10 @@ train one shared model, each with its own optimizer:
 For transformers both variants pass ``logging_nan_inf_filter=False`` unless
 ``--logging-nan-inf-filter true``: the Trainer's default filter reads every step's loss
 on the host (``torch.isnan``, ``torch.isinf``), two syncs per step in either variant.
+Through the transformers adapter the label-smoothing term reads the logits from the
+model's head (``logits_module = "gpt.lm_head"``), as docs/transformers.md advises under
+mixed precision; ``--logits-from outputs`` has it read the Trainer's outputs instead
+(Accelerate's float32 copy of the logits).
 
 The variants alternate: every round trains ``--steps`` steps of each (a fresh
 ``Trainer.fit`` or ``Trainer.train`` per round, which keeps the optimizer; the Lightning
@@ -314,6 +318,11 @@ def transformers_runner(args: argparse.Namespace, device: torch.device) -> Calla
 
     folder = tempfile.mkdtemp()
     timing = Timing()
+    # Accelerate hands the Trainer a float32 copy of the logits; the term reads the head's
+    # own output unless --logits-from outputs (docs/transformers.md).
+    config = CONFIG if args.logits_from == "outputs" else {"plugins": [
+        {**p, "logits_module": "gpt.lm_head"} if p["plugin"] == "label_smoothing" else p
+        for p in CONFIG["plugins"]]}
     made: dict[tuple[str, int], tuple[HFGPT, torch.optim.Optimizer, Any]] = {}
 
     def arguments(steps: int) -> TrainingArguments:
@@ -340,7 +349,7 @@ def transformers_runner(args: argparse.Namespace, device: torch.device) -> Calla
             trainer = Trainer(callbacks=[timing, hand], **common)
         else:
             trainer = SteadytrainTrainer(callbacks=[timing],
-                                         pipeline=steadytrain.Pipeline.from_config(CONFIG),
+                                         pipeline=steadytrain.Pipeline.from_config(config),
                                          **common)
         trainer.remove_callback(PrinterCallback)  # it prints the run's summary
         trainer.train()
@@ -447,6 +456,9 @@ def main(argv: list[str] | None = None, *, quiet_logs: bool = True) -> None:
     parser.add_argument("--logging-nan-inf-filter", choices=("true", "false"), default="false",
                         help="transformers: the TrainingArguments option (true by default "
                              "there; it reads the loss on the host twice per step)")
+    parser.add_argument("--logits-from", choices=("module", "outputs"), default="module",
+                        help="transformers: where the label-smoothing term reads the logits: "
+                             "the head's output (logits_module) or the Trainer's outputs")
     parser.add_argument("--profile", action="store_true",
                         help="one more round of each variant under torch.profiler (CUDA)")
     parser.add_argument("--json", help="write every step's times here")

@@ -101,22 +101,25 @@ class Run:
         """The model's parameters by name (empty without a model)."""
         return [] if self.model is None else list(self.model.named_parameters())
 
-    def tap(self, plugin: Plugin, patterns: str | Sequence[str]) -> tuple[str, ...]:
+    def tap(
+        self, plugin: Plugin, patterns: str | Sequence[str], *, option: str = "taps"
+    ) -> tuple[str, ...]:
         """Capture the outputs of the model's modules whose names match *patterns*.
 
         Returns the matched module names; during a step, ``ctx.taps[name]`` is the list of
         the outputs of module ``name`` in the current micro-batch's forward pass, one per
         call, in call order (still part of the graph). Outside a training step nothing is
-        captured. A pattern that matches no module is an error naming the plugin.
+        captured. A pattern that matches no module is an error naming the plugin and its
+        *option* (the config option that holds the patterns).
         """
         if self.model is None:
             raise ConfigError(
-                f"{plugin.id}.taps: the instance taps modules but no model is bound; pass it "
-                "to pipe.setup(model, optimizer)"
+                f"{plugin.id}.{option}: the instance taps modules but no model is bound; pass "
+                "it to pipe.setup(model, optimizer)"
             )
         patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
         modules = dict(self.model.named_modules())
-        names = VariableFilter(include=patterns, owner=f"{plugin.id}.taps").select(
+        names = VariableFilter(include=patterns, owner=f"{plugin.id}.{option}").select(
             [n for n in modules if n], kind="module"
         )
         for name in names:

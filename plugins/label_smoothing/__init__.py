@@ -22,7 +22,9 @@ Hyperparameters
     ``weight · smoothing`` — a weight schedule is a smoothing schedule, and any other
     constant weight smooths by a different ε than configured. ``ignore_index`` (default
     -100, as in ``F.cross_entropy``). ``logits_key`` (default ``"logits"``) names the
-    output that holds the logits; ``targets_key`` (default: none) names the entry of the
+    output that holds the logits; ``logits_module`` (default: none), the name of a module
+    of the model (``"lm_head"``), takes them from that module's output instead (see
+    Caveats); ``targets_key`` (default: none) names the entry of the
     host's ``targets`` mapping that holds the class indices — without it the targets are
     the tensor the host passed to ``before_step(targets=...)``. ``class_dim`` (default -1,
     the layout of language-model logits ``(batch, seq, C)``; set 1 for the
@@ -57,10 +59,15 @@ Caveats
     gets as a broadcast, and the hook adds the target classes' share into the summed
     gradient in place, so the gradient costs one pass over the logits' gradient, as with
     torch's own ``label_smoothing=`` (docs/benchmarks.md). Where nothing else reads the
-    logits (the host's cross-entropy took another copy of them, as a Hugging Face model
-    under Accelerate's mixed precision does), there is no gradient to add the broadcast
-    to, and the term's gradient is written out whole: on CUDA with Triton by one kernel
-    at about the speed of a copy, elsewhere by torch's strided copy and a scatter. A hook
+    logits, there is no gradient to add the broadcast to, and the term's gradient is
+    written out whole: on CUDA with Triton by one kernel at about the speed of a copy,
+    elsewhere by torch's strided copy and a scatter. That is the case of a Hugging Face
+    model trained under Accelerate's mixed precision: its loss is computed inside the
+    forward pass, on autocast's float32 copy of the bf16 logits, and the outputs the
+    Trainer hands over hold another float32 copy, made after the forward pass. There
+    set ``logits_module`` to the module that makes the logits (``"lm_head"``): the term
+    then reads its bf16 output, which the model's loss reads too, and costs what it
+    costs in a plain loop. A hook
     that the host registers on the logits before the term is computed sees their
     gradient without that share.
 """
@@ -246,6 +253,7 @@ class LabelSmoothing(steadytrain.Plugin):
         )
         ignore_index: int = -100
         logits_key: str = attrs.field(default="logits", validator=non_empty_str)
+        logits_module: str | None = attrs.field(default=None, validator=optional(non_empty_str))
         targets_key: str | None = attrs.field(default=None, validator=optional(non_empty_str))
         class_dim: int = -1
         check: str = attrs.field(default="auto", validator=one_of(*CHECKS))
@@ -253,6 +261,16 @@ class LabelSmoothing(steadytrain.Plugin):
     @steadytrain.hookimpl
     def setup(self, run: steadytrain.Run) -> None:
         self._checked = False
+        self._module = None
+        name = self.config.logits_module
+        if name is not None:
+            matched = run.tap(self, name, option="logits_module")
+            if len(matched) != 1:
+                raise steadytrain.ConfigError(
+                    f"{self.id}.logits_module: {name!r} matches {len(matched)} modules "
+                    f"({', '.join(matched)}); name the one module whose output are the logits"
+                )
+            self._module = matched[0]
 
     @steadytrain.hookimpl
     def compute_regularizers(self, ctx: steadytrain.StepContext) -> dict[str, torch.Tensor]:
@@ -281,12 +299,23 @@ class LabelSmoothing(steadytrain.Plugin):
         return not self._checked
 
     def _logits(self, ctx: steadytrain.StepContext) -> torch.Tensor:
-        key = self.config.logits_key
-        logits = ctx.output(key, option="logits_key")
+        if self._module is not None:
+            calls = ctx.tapped(self._module, option="logits_module")
+            if len(calls) != 1:
+                raise steadytrain.ConfigError(
+                    f"{self.id}.logits_module: module {self._module!r} ran {len(calls)} times "
+                    "in this forward pass, but the term takes the logits of one call; name the "
+                    "module that makes them once, or pass them as an output (logits_key)"
+                )
+            logits, where = calls[0], f"the output of module {self._module!r}"
+            option = "logits_module"
+        else:
+            key = self.config.logits_key
+            logits, where = ctx.output(key, option="logits_key"), f"outputs[{key!r}]"
+            option = "logits_key"
         if not isinstance(logits, torch.Tensor):
             raise steadytrain.ConfigError(
-                f"{self.id}.logits_key: outputs[{key!r}] is a {type(logits).__name__}, "
-                "not a tensor"
+                f"{self.id}.{option}: {where} is a {type(logits).__name__}, not a tensor"
             )
         return logits
 

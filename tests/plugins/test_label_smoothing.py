@@ -368,3 +368,89 @@ def test_a_term_that_alone_reads_its_logits_gives_torchs_label_smoothed_gradient
     expected = grad_of(lambda x: ce(x, label_smoothing=0.1))
     rtol, atol = {torch.float32: (1e-5, 1e-7), torch.bfloat16: (1e-2, 1e-5)}[dtype]
     torch.testing.assert_close(grad, expected, rtol=rtol, atol=atol)
+
+
+class TinyLM(torch.nn.Module):
+    """Embeddings, a body and a head that makes the logits; returns them as a float32
+    copy, as Accelerate hands over a model's outputs under mixed precision."""
+
+    def __init__(self, classes=11, twice=False):
+        super().__init__()
+        self.embed = torch.nn.Embedding(classes, 8)
+        self.body = torch.nn.Linear(8, 8)
+        self.lm_head = torch.nn.Linear(8, classes)
+        self.twice = twice
+
+    def forward(self, tokens):
+        logits = self.lm_head(torch.tanh(self.body(self.embed(tokens))))
+        if self.twice:
+            logits = logits + self.lm_head(self.body(self.embed(tokens)))
+        return logits, logits.double().float()
+
+
+def lm_grads(config, *, through_pipeline):
+    torch.manual_seed(0)
+    model = TinyLM()
+    tokens = torch.randint(0, 11, (3, 6))
+    targets = torch.randint(0, 11, (3, 6))
+    targets[0, :2] = -100
+    if through_pipeline:
+        pipe = steadytrain.Pipeline([LabelSmoothing(LabelSmoothing.Config(**config))])
+        pipe.setup(model)
+        pipe.before_step(targets=targets)
+        logits, handed = model(tokens)
+        task = F.cross_entropy(torch_layout(logits), targets)
+        pipe.compute_loss(task, outputs={"logits": handed}).backward()
+        pipe.after_backward()
+        pipe.consolidate()
+        pipe.close()
+    else:
+        logits, _ = model(tokens)
+        F.cross_entropy(torch_layout(logits), targets, label_smoothing=0.1).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("config", [{}, {"logits_module": "lm_head"}],
+                         ids=["outputs", "logits_module"])
+def test_logits_from_the_outputs_or_from_a_module_give_torchs_smoothed_gradients(config):
+    got = lm_grads({"smoothing": 0.1, **config}, through_pipeline=True)
+    expected = lm_grads({}, through_pipeline=False)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
+def test_logits_module_matching_no_module_or_several_is_an_error():
+    model = TinyLM()
+    with pytest.raises(steadytrain.FilterError, match=r"label_smoothing\.logits_module.*'head'"):
+        steadytrain.Pipeline([LabelSmoothing(LabelSmoothing.Config(
+            logits_module="head"))]).setup(model)
+    with pytest.raises(steadytrain.ConfigError, match=(
+            r"label_smoothing\.logits_module: '\*' matches 3 modules \(embed, body, lm_head\)")):
+        steadytrain.Pipeline([LabelSmoothing(LabelSmoothing.Config(
+            logits_module="*"))]).setup(model)
+
+
+def test_logits_module_that_runs_twice_or_returns_no_tensor_is_an_error():
+    model = TinyLM(twice=True)
+    pipe = steadytrain.Pipeline([LabelSmoothing(LabelSmoothing.Config(
+        logits_module="lm_head"))]).setup(model)
+    pipe.before_step(targets=torch.zeros(2, 3, dtype=torch.long))
+    logits, _ = model(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(steadytrain.ConfigError,
+                       match=r"logits_module: module 'lm_head' ran 2 times in this forward"):
+        pipe.compute_loss(logits.sum())
+    pipe.close()
+
+    class Pair(torch.nn.Module):
+        def forward(self, x):
+            return x, x
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), Pair())
+    pipe = steadytrain.Pipeline([LabelSmoothing(LabelSmoothing.Config(
+        logits_module="1"))]).setup(model)
+    pipe.before_step(targets=torch.zeros(2, dtype=torch.long))
+    out, _ = model(torch.zeros(2, 3))
+    with pytest.raises(steadytrain.ConfigError,
+                       match=r"logits_module: the output of module '1' is a tuple, not a tensor"):
+        pipe.compute_loss(out.sum())
+    pipe.close()
