@@ -63,10 +63,12 @@ Caveats
     Non-finite gradients make the coefficient NaN, as with ``clip_grad_norm_``: put a
     non-finite guard before the optimizer step. ``agc`` needs the unit norms of weights
     and gradients, which no fused kernel of torch computes over many tensors. On CUDA
-    with Triton (which torch's CUDA builds bring) one Triton kernel a tensor takes both
-    rows' norms and scales the gradient's row in the same pass, reading weight and
-    gradient once; tensors of up to 2¹⁶ elements go in stacks with the others of their
-    shape (one kernel and a copy back per stack). Elsewhere torch's kernels do it:
+    with Triton (which torch's CUDA builds bring) one Triton launch per group and dtype
+    clips every unit of the group: each takes both norms and scales the gradient in the
+    same pass, reading weight and gradient once, from a table of the units built at
+    ``setup`` and the addresses of the weights and gradients sent with each step (a
+    gradient that is not contiguous sends that step down torch's path). Elsewhere
+    torch's kernels do it:
     tensors of up to 2²⁰ elements are stacked (two norms, one scaling and a copy back
     per stack), larger ones take two norm kernels and a scaling each. With
     ``norm_type`` 2 its pre- and post-clip group norms come from the unit norms, without
@@ -216,18 +218,13 @@ def _unit_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 #: Tensors of at most this many elements are clipped in stacks with others of their shape
 #: (at most ``_STACK_BYTES`` a stack): stacking costs passes over their bytes, but their
-#: time goes into launches, three a tensor otherwise (two norms and the scaling), or one
-#: Triton launch, whose host cost is higher, up to ``_ONE_PASS_STACK_NUMEL``.
+#: time goes into launches, three a tensor otherwise (two norms and the scaling).
 _STACK_NUMEL = 2**20
-_ONE_PASS_STACK_NUMEL = 2**16
 _STACK_BYTES = 2**26
 
 
-def _stacks(
-    tensors: Sequence[torch.Tensor], most: int
-) -> tuple[list[int], list[list[int]]]:
-    """Positions of the tensors clipped alone, and of those of at most *most* elements
-    clipped in stacks.
+def _stacks(tensors: Sequence[torch.Tensor]) -> tuple[list[int], list[list[int]]]:
+    """Positions of the tensors clipped alone, and of those clipped in stacks.
 
     DTensors are clipped alone: a rank's shards of one shape may differ from another's,
     and the norm of a sharded vector needs every rank's shard.
@@ -236,7 +233,7 @@ def _stacks(
     alone: list[int] = []
     by_kind: dict[tuple[Any, ...], list[int]] = {}
     for index, t in enumerate(tensors):
-        if t.numel() > most or (dtensor is not None and isinstance(t, dtensor)):
+        if t.numel() > _STACK_NUMEL or (dtensor is not None and isinstance(t, dtensor)):
             alone.append(index)
         else:
             by_kind.setdefault((tuple(t.shape), t.dtype, t.device), []).append(index)
@@ -264,12 +261,12 @@ def _unitwise_clip_(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """AGC of *params* (all with gradients); returns the unit norms of the gradients
     before clipping and the factors they were scaled by (as lists of like tensors)."""
+    if _one_pass(params):
+        clipped = unitwise_kernel.UnitwiseClipper(params)(clipping, eps)
+        if clipped is not None:
+            return clipped
     grads = [p.grad for p in params]
-    dtensor = _dtensor_class()
-    if not any(dtensor is not None and isinstance(p, dtensor) for p in params) and all(
-            unitwise_kernel.available(p, g) for p, g in zip(params, grads, strict=True)):
-        return _one_pass_clip_(params, grads, clipping, eps)
-    alone, stacks = _stacks(params, _STACK_NUMEL)
+    alone, stacks = _stacks(params)
     stacked_grads = [torch.stack([grads[i] for i in stack]) for stack in stacks]
     factors = [*_unit_norms([params[i] for i in alone]),
                *(_stacked_unit_norms(torch.stack([params[i] for i in stack]))
@@ -290,28 +287,14 @@ def _unitwise_clip_(
     return grad_norms, factors
 
 
-def _one_pass_clip_(
-    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], clipping: float, eps: float
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """:func:`_unitwise_clip_` with one Triton kernel per tensor or stack of tensors (both
-    norms and the scaling in one pass); the unit norms and factors come one a unit."""
-    alone, stacks = _stacks(params, _ONE_PASS_STACK_NUMEL)
-    pairs = [(params[i], grads[i], params[i].shape) for i in alone]
-    stacked = [(torch.stack([params[i] for i in stack]), torch.stack([grads[i] for i in stack]),
-                params[stack[0]].shape) for stack in stacks]
-    results = [unitwise_kernel.clip_rows_(_units(w, shape), _units(g, shape), clipping, eps)
-               for w, g, shape in (*pairs, *stacked)]
-    for stack, (_, scaled, _) in zip(stacks, stacked, strict=True):
-        torch._foreach_copy_([grads[i] for i in stack], list(scaled.unbind(0)))
-    return [norms for norms, _ in results], [factors for _, factors in results]
-
-
-def _units(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """*tensor*, one or more tensors of *shape* back to back, as a matrix of one output
-    unit a row: a row along dimension 0 of each, or each whole when it has at most one
-    dimension."""
-    length = math.prod(shape[1:]) if len(shape) > 1 else math.prod(shape)
-    return tensor.view(tensor.numel() // length if length else 0, max(length, 1))
+def _one_pass(params: Sequence[torch.Tensor]) -> bool:
+    """Whether *params* (with their gradients) can be clipped by one Triton launch per
+    dtype: all of them on one CUDA device and none sharded."""
+    dtensor = _dtensor_class()
+    return bool(params) and all(
+        unitwise_kernel.available(p, p.grad if p.grad is not None else p)
+        and not (dtensor is not None and isinstance(p, dtensor))
+        and p.device == params[0].device for p in params)
 
 
 def _check_rows_whole(params: Sequence[torch.Tensor]) -> None:
@@ -436,6 +419,10 @@ class GradClip(steadytrain.Plugin):
         self._norm_types = [g.norm_type for g in self.groups]
         self.mean = torch.zeros(len(self.groups), device=device)
         self.seen = 0
+        # AGC by one Triton launch per dtype and group where it can: the units tabled now.
+        self._clippers = [
+            unitwise_kernel.UnitwiseClipper(params)
+            if config.mode == "agc" and _one_pass(params) else None for params in self.params]
 
     @steadytrain.hookimpl
     def after_backward(self, ctx: steadytrain.StepContext) -> None:
@@ -471,13 +458,16 @@ class GradClip(steadytrain.Plugin):
         if not derived:
             norms = grad_group_norms(grads, self._norm_types, device=self._device)
         before, after = [], []
-        for group, params in zip(self.groups, self.params, strict=True):
-            params = [p for p in params if p.grad is not None]
-            if not params:
+        for group, params, clipper in zip(self.groups, self.params, self._clippers,
+                                          strict=True):
+            with_grads = [p for p in params if p.grad is not None]
+            if not with_grads:
                 before.append(self._zero)
                 after.append(self._zero)
                 continue
-            grad_norms, factors = _unitwise_clip_(params, group.clipping, self.config.eps)
+            clipped = None if clipper is None else clipper(group.clipping, self.config.eps)
+            grad_norms, factors = clipped or _unitwise_clip_(
+                with_grads, group.clipping, self.config.eps)
             if derived:
                 # The group's 2-norm is the 2-norm of its unit norms: no pass over the
                 # gradients, before or after the scaling.

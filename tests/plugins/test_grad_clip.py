@@ -242,6 +242,43 @@ def test_on_cuda_the_one_pass_kernel_clips_like_torchs_kernels(dtype, monkeypatc
                                rtol=tolerance, atol=0)
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() and unitwise_kernel.available(
+    torch.empty(1, device="cuda"), torch.empty(1, device="cuda"))), reason="needs CUDA and Triton")
+def test_on_cuda_the_agc_plugin_clips_in_one_launch_like_torchs_kernels(monkeypatch):
+    def run():
+        params = same_shaped(9, "cuda")
+        model = torch.nn.ParameterList(torch.nn.Parameter(p.detach()) for p in params)
+        plugin = GradClip(GradClip.Config(mode="agc", clipping=0.1, groups=(
+            ClipGroup("first", ("0", "1", "2")),)))
+        pipe = steadytrain.Pipeline([plugin]).setup(model)
+        pipe.before_step()
+        for index, (mine, p) in enumerate(zip(model, params, strict=True)):
+            mine.grad = None if index == 5 else p.grad.clone()  # one without a gradient
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            pipe.after_backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        pipe.consolidate()
+        metrics = pipe.metrics()
+        pipe.close()
+        return plugin, [p.grad for p in model], metrics
+
+    plugin, grads, metrics = run()
+    assert all(c is not None for c in plugin._clippers)
+    monkeypatch.setattr(unitwise_kernel, "available", lambda weight, grad: False)
+    plugin, want_grads, want_metrics = run()
+    assert all(c is None for c in plugin._clippers)
+    for got, want in zip(grads, want_grads, strict=True):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert metrics.keys() == want_metrics.keys()
+    for name, value in want_metrics.items():
+        assert metrics[name] == pytest.approx(value, rel=1e-5), name
+
+
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])
 def test_agc_mode_reports_the_norms_before_and_after_clipping(norm_type):
     params = same_shaped(6)
