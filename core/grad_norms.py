@@ -116,12 +116,13 @@ class GradientNorms:
         wanted = [p for p in parameters if p.grad is not None]
         known = self._norms.get(norm_type)
         if known is None:
-            known = self._norms[norm_type] = {}
-            pending = [p for p in self._parameters() if p.grad is not None] + wanted
-        else:
-            pending = wanted
-        missing = list({id(p): p for p in pending if id(p) not in known}.values())
+            everything = [p for p in self._parameters() if p.grad is not None]
+            known = self._norms[norm_type] = dict(zip(
+                map(id, everything), tensor_norms([p.grad for p in everything], norm_type),
+                strict=True))
+        missing = [p for p in wanted if id(p) not in known]
         if missing:
+            missing = list({id(p): p for p in missing}.values())
             computed = tensor_norms([p.grad for p in missing], norm_type)
             known.update(zip(map(id, missing), computed, strict=True))
         return [known[id(p)] for p in wanted]

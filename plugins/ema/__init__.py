@@ -47,7 +47,8 @@ Caveats
     the update count and the next weight (float32) stay on the device too. On CUDA,
     with Triton (which torch's CUDA builds bring), every update, plain or masked, is one
     launch per dtype of a Triton kernel that reads the weight and the flag on the device
-    and updates every tensor, and a masked one takes one more launch for the count and
+    and updates every tensor (a plain update of weights in one buffer, below, stays one
+    ``_foreach_lerp_``), and a masked one takes one more launch for the count and
     the next weight (elsewhere three scalar kernels, five with ``warmup``); its host
     cost does not grow with the number of tensors, except for a check, every update,
     that each weight still has the address the launch was built with (a ``model.to()``
@@ -214,11 +215,13 @@ class _Pairs:
         torch._foreach_copy_(*self._sides())
 
     def lerp(self, weight: float) -> None:
-        launcher = self._launcher()
+        sides = self._sides()
+        # One pair (a flat buffer): torch's single kernel costs the host less than a launch.
+        launcher = self._launcher() if len(sides[0]) > 1 else None
         if launcher is not None:
             launcher(weight)
         else:
-            torch._foreach_lerp_(*self._sides(), weight)
+            torch._foreach_lerp_(*sides, weight)
 
     def masked_lerp(self, weight: torch.Tensor, skip: torch.Tensor | None) -> None:
         """*skip*: a float32 flag (any dtype on the Triton path, None for never)."""

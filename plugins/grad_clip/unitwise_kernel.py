@@ -7,9 +7,9 @@ gradient's unit in place, reading ``W`` and ``G`` once and writing ``G`` once (a
 up to ``MAX_BLOCK`` elements stays in registers between the two). torch needs a norm
 kernel for each of ``W`` and ``G`` and a broadcasting multiplication that does not use
 vector loads, per tensor. :class:`UnitwiseClipper` clips a fixed list of parameters in
-one launch per dtype, from a table of their units built once and the addresses of the
-weights and gradients sent with each call. :func:`available` says whether a parameter
-and its gradient can take this path.
+one launch per dtype and size class of their units, from a table of the units built
+once and the addresses of the weights and gradients sent with each call.
+:func:`available` says whether a parameter and its gradient can take this path.
 """
 
 from __future__ import annotations
@@ -153,7 +153,8 @@ class _Table:
 
 class UnitwiseClipper:
     """AGC of a fixed list of parameters (those :func:`available` takes, on one device) in
-    one kernel launch per dtype.
+    one kernel launch per dtype and size class of their units (powers of two up to
+    ``MAX_BLOCK``).
 
     The units of every parameter are tabled once; each call sends the addresses of the
     weights and of their gradients (a parameter without a gradient is left out of that
@@ -161,10 +162,14 @@ class UnitwiseClipper:
     """
 
     def __init__(self, params: Sequence[torch.Tensor]) -> None:
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        # One launch per dtype and size class of the units: a program's block fits its
+        # units, so that short rows do not leave most of its threads idle.
+        by_kind: dict[tuple[torch.dtype, int], list[torch.Tensor]] = {}
         for p in params:
-            by_dtype.setdefault(p.dtype, []).append(p)
-        self._tables = [_Table(group) for group in by_dtype.values()]
+            length = _unit_length(p.shape)
+            size = min(1 << max(length - 1, 0).bit_length(), MAX_BLOCK)
+            by_kind.setdefault((p.dtype, size), []).append(p)
+        self._tables = [_Table(group) for group in by_kind.values()]
 
     def __call__(
         self, clipping: float, eps: float
