@@ -4,7 +4,7 @@ Everything a plugin author or a host needs is importable from here; ``__all__`` 
 public API and built-in plugins use nothing else.
 """
 
-from . import grad_norms, hookspecs, losses, schedules, sources, validators
+from . import grad_norms, hookspecs, kernels, losses, schedules, sources, validators
 from ._version import __version__
 from .config import (
     GroupSpec,
@@ -67,6 +67,7 @@ __all__ = [
     "get_logger",
     "hookimpl",
     "hookspecs",
+    "kernels",
     "load_config",
     "losses",
     "report",

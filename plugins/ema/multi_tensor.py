@@ -8,7 +8,7 @@ their launches costs host work for every tensor it covers. :class:`MultiTensorLe
 keeps a table of the addresses of a list of shadow tensors and of the tensors they
 average, built once, and updates all of them with one Triton kernel launch whose host
 cost does not grow with the number of tensors. It needs CUDA tensors and Triton (which
-comes with torch's CUDA builds); :func:`available` says whether both are there.
+comes with torch's CUDA builds); :func:`available` says whether it can run.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import functools
 from collections.abc import Sequence
 
 import torch
+
+import steadytrain
 
 #: Elements each program of the kernel updates: a chunk of one tensor.
 BLOCK = 1024
@@ -110,19 +112,10 @@ def count_update_(
                               float(least_weight), SKIP=skip is not None, WARMUP=warmup)
 
 
-@functools.cache
-def _triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def available(tensor: torch.Tensor) -> bool:
-    """Whether :class:`MultiTensorLerp` can update tensors like *tensor*: a CUDA tensor of
-    a floating dtype, with Triton importable."""
-    return tensor.device.type == "cuda" and tensor.dtype in _DTYPES and _triton()
+    """Whether :class:`MultiTensorLerp` can update tensors like *tensor*: a floating
+    tensor on a device where Triton kernels run (``steadytrain.kernels.triton_runs_on``)."""
+    return tensor.dtype in _DTYPES and steadytrain.kernels.triton_runs_on(tensor.device)
 
 
 class MultiTensorLerp:

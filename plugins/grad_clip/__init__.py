@@ -73,11 +73,11 @@ Caveats
     kernels and a scaling each. With ``norm_type`` 2 its pre- and post-clip group norms
     come from the unit norms, without a pass over the gradients; other norm types take a
     fused pass before and after. See the benchmarks for what each path costs. Under
-    gradient scaling (AMP), unscale before ``after_backward``. Sharded parameters (FSDP2's DTensors): a
-    group's norm covers every rank's shard, so all ranks clip by the norm of the whole
-    gradient, as one process would (one all-reduce per group); ``agc`` needs the rows of
-    each weight whole on a rank (sharded along dimension 0, FSDP2's default) and refuses
-    other layouts at ``setup``.
+    gradient scaling (AMP), unscale before ``after_backward``. Sharded parameters
+    (FSDP2's DTensors): a group's norm covers every rank's shard, so all ranks clip by
+    the norm of the whole gradient, as one process would (one all-reduce per group);
+    ``agc`` needs the rows of each weight whole on a rank (sharded along dimension 0,
+    FSDP2's default) and refuses other layouts at ``setup``.
 """
 
 from __future__ import annotations

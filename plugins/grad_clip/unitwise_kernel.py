@@ -21,27 +21,20 @@ from collections.abc import Sequence
 
 import torch
 
+import steadytrain
+
 #: The longest row a program keeps in registers; longer ones are read twice.
 MAX_BLOCK = 8192
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@functools.cache
-def _triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def available(weight: torch.Tensor, grad: torch.Tensor) -> bool:
     """Whether *weight* and *grad* can be clipped here (viewed as a matrix of one unit a
-    row): contiguous CUDA tensors of one shape and floating dtype, with Triton
-    importable."""
-    return (weight.device.type == "cuda" and weight.dtype in _DTYPES
-            and grad.dtype == weight.dtype and grad.shape == weight.shape
-            and weight.is_contiguous() and grad.is_contiguous() and _triton())
+    row): contiguous tensors of one shape and floating dtype on a device where Triton
+    kernels run (``steadytrain.kernels.triton_runs_on``)."""
+    return (weight.dtype in _DTYPES and grad.dtype == weight.dtype
+            and grad.shape == weight.shape and weight.is_contiguous() and grad.is_contiguous()
+            and steadytrain.kernels.triton_runs_on(weight.device))
 
 
 @functools.cache

@@ -13,24 +13,22 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 
 import torch
+
+import steadytrain
 
 BLOCK = 2048
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@functools.cache
-def _triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def available(logits: torch.Tensor, class_dim: int) -> bool:
-    """Whether :func:`smoothing_gradient` can write the gradient of *logits*: contiguous
-    CUDA logits of a floating dtype with the classes last, with Triton importable."""
-    return (logits.device.type == "cuda" and logits.dtype in _DTYPES and logits.ndim >= 1
-            and class_dim % logits.ndim == logits.ndim - 1 and _triton())
+    """Whether :func:`smoothing_gradient` can write the gradient of *logits*: logits of a
+    floating dtype with the classes last, on a device where Triton kernels run
+    (``steadytrain.kernels.triton_runs_on``)."""
+    return (logits.dtype in _DTYPES and logits.ndim >= 1
+            and class_dim % logits.ndim == logits.ndim - 1
+            and steadytrain.kernels.triton_runs_on(logits.device))
 
 
 @functools.cache
