@@ -2,6 +2,7 @@
 variants train as the pipeline does (``--check``)."""
 
 import importlib
+import json
 import re
 from pathlib import Path
 
@@ -42,3 +43,17 @@ def test_the_end_to_end_benchmark_runs_with_its_profile(benchmarks, capsys):
     output = capsys.readouterr().out
     assert_trains_alike(output)
     assert re.search(r"profile eager/pipeline: \d+ kernels/step", output)
+
+
+def test_the_ema_and_clipping_benchmark_runs_and_compares_with_the_per_group_baseline(
+        benchmarks, tmp_path):
+    report_path = tmp_path / "report.json"
+    benchmarks("bench_ema_clip").main(["--sizes", "1", "--many", "20", "--repeat", "2",
+                                       "--json", str(report_path)])
+
+    (run,) = json.loads(report_path.read_text())["runs"]
+    per_group = run["clip_ratio_per_group"]
+    assert per_group["clip_grad_norm_(foreach=True) per group (2 calls)"] == 1.0
+    assert {"grad_clip plugin, norm (2 groups)", "grad_clip plugin, agc (2 groups)"} <= set(
+        per_group)
+    assert all(ratio > 0 for ratio in per_group.values())
