@@ -48,8 +48,8 @@ Caveats
     with Triton (which torch's CUDA builds bring), every update, plain or masked, is one
     launch per dtype of a Triton kernel that reads the weight and the flag on the device
     and updates every tensor (a plain update of weights in one buffer, below, stays one
-    ``_foreach_lerp_``), and a masked one takes one more launch for the count and
-    the next weight (elsewhere three scalar kernels, five with ``warmup``); its host
+    ``_foreach_lerp_``); a masked update's launch also keeps the count and the next
+    weight (elsewhere three more scalar kernels, five with ``warmup``); its host
     cost does not grow with the number of tensors, except for a check, every update,
     that each weight still has the address the launch was built with (a ``model.to()``
     or ``param.data =`` rebuilds it). Without Triton the plain update is torch's
@@ -223,13 +223,14 @@ class _Pairs:
         else:
             torch._foreach_lerp_(*sides, weight)
 
-    def masked_lerp(self, weight: torch.Tensor, skip: torch.Tensor | None) -> None:
-        """*skip*: a float32 flag (any dtype on the Triton path, None for never)."""
-        launcher = self._launcher()
-        if launcher is not None:
-            launcher(weight, skip)
-        else:
-            _masked_lerp_(*self._sides(), weight, skip)
+    def masked_lerp(self, weight: torch.Tensor, skip: torch.Tensor) -> None:
+        """torch's path: *weight* and *skip* 0-d float32 tensors."""
+        _masked_lerp_(*self._sides(), weight, skip)
+
+    def launch(self, weights: torch.Tensor, skip: torch.Tensor | None, slot: int,
+               count: multi_tensor.Count | None) -> None:
+        """The Triton path (see :class:`~steadytrain.plugins.ema.multi_tensor.MultiTensorLerp`)."""
+        self._launcher()(weights, skip, slot=slot, count=count)
 
 
 def _is_sharded(tensor: torch.Tensor) -> bool:
@@ -278,8 +279,10 @@ class _DeviceCount:
 
     #: The update count and 10 + the count (float64, exact), in one tensor.
     counts: torch.Tensor
-    #: ``1 − decay``: the least weight of an update after the first.
-    least_weight: float
+    #: The Triton path's weights: the next update's in ``weights[slot]``.
+    weights: torch.Tensor
+    #: The Triton path's bookkeeping, done by the update's own launch.
+    count: multi_tensor.Count
     #: Views of ``counts``: the count, then 10 + count with warmup.
     counters: list[torch.Tensor]
     #: The least weight of the next update: 1 until an update was applied, then 1 − decay.
@@ -290,6 +293,7 @@ class _DeviceCount:
     never: torch.Tensor
     nine: torch.Tensor
     ones: list[torch.Tensor]
+    slot: int = 0
 
 
 class EMA(steadytrain.Plugin):
@@ -433,12 +437,11 @@ class EMA(steadytrain.Plugin):
         """The update with its weight and the count on the device, skipped where *skip*."""
         state = self._device_state or self._start_device_state()
         if self._one_launch:
-            # Two launches in all: the update, then the count and the next weight.
-            flag = None if skip is None else skip.to(state.floor.device)
-            for pairs in self._pairs:
-                pairs.masked_lerp(state.weight, flag)
-            multi_tensor.count_update_(state.counts, state.floor, state.weight, flag,
-                                       state.least_weight, warmup=self.config.warmup)
+            # One launch a dtype; the first also counts and writes the next weight.
+            flag = None if skip is None else skip.to(state.counts.device)
+            for index, pairs in enumerate(self._pairs):
+                pairs.launch(state.weights, flag, state.slot, state.count if index == 0 else None)
+            state.slot ^= 1
             self._count = state.counters[0]
             return
         skipped = state.never if skip is None else skip.reshape(()).to(
@@ -471,7 +474,8 @@ class EMA(steadytrain.Plugin):
         counters = list(counts.unbind()) if self.config.warmup else [counts[0]]
         floor = full(1.0 if count == 0 else 1.0 - decay)
         self._device_state = _DeviceCount(
-            counts=counts, least_weight=1.0 - decay,
+            counts=counts, weights=torch.full((2,), weight, device=device),
+            count=multi_tensor.Count(counts, 1.0 - decay, self.config.warmup),
             counters=counters, floor=floor, weight=full(weight) if self.config.warmup else floor,
             after_first=full(1.0 - decay), never=full(0.0),
             nine=full(9.0, torch.float64), ones=[full(1.0, torch.float64)] * len(counters))

@@ -17,6 +17,7 @@ import contextlib
 import functools
 from collections.abc import Sequence
 
+import attrs
 import torch
 
 import steadytrain
@@ -36,14 +37,15 @@ def _kernel():
 
     @triton.jit
     def lerp_chunks(shadow_addresses, current_addresses, numels, chunk_tensors,
-                    chunk_starts, weight, weight_address, skip_address,
-                    DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+                    chunk_starts, weight, weight_address, slot, skip_address, counts,
+                    least_weight, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
                     DEVICE_WEIGHT: tl.constexpr, SKIP: tl.constexpr,
-                    ALIGNED: tl.constexpr):
+                    ALIGNED: tl.constexpr, COUNT: tl.constexpr):
         chunk = tl.program_id(0)
         go = True
         if SKIP:
             go = tl.load(skip_address) == 0  # the flag in its own dtype (bool, float, int)
+        w = tl.load(weight_address + slot).to(tl.float32) if DEVICE_WEIGHT else weight
         if go:
             tensor = tl.load(chunk_tensors + chunk)
             start = tl.load(chunk_starts + chunk)
@@ -54,7 +56,6 @@ def _kernel():
                 # Every address is 16-byte aligned (checked on the host): vector loads.
                 shadow = tl.multiple_of(shadow, 16)
                 current = tl.multiple_of(current, 16)
-            w = tl.load(weight_address).to(tl.float32) if DEVICE_WEIGHT else weight
             offsets = start + tl.arange(0, BLOCK)
             # torch.lerp's formula: exact at both ends (weight 0 keeps, 1 copies).
             if start + BLOCK <= numel:
@@ -71,45 +72,22 @@ def _kernel():
                 d = b - a
                 out = tl.where(w < 0.5, a + w * d, b - d * (1.0 - w))
                 tl.store(shadow + offsets, out.to(DTYPE), mask=mask)
+        # The count and the next update's weight, written by one program into the other
+        # slot: every program of this launch reads this slot's weight. (Nested: a
+        # compile-time test first, so that launches without a count compile none of it.)
+        if COUNT > 0:  # noqa: SIM102
+            if chunk == 0:
+                following = w
+                if go:
+                    tl.store(counts, tl.load(counts) + 1.0)
+                    following = least_weight
+                    if COUNT == 2:  # warmup: max(1 − decay, 9 / (10 + count))
+                        shifted = tl.load(counts + 1) + 1.0
+                        tl.store(counts + 1, shifted)
+                        following = tl.maximum((9.0 / shifted).to(tl.float32), least_weight)
+                tl.store(weight_address + 1 - slot, following)
 
     return lerp_chunks
-
-
-@functools.cache
-def _count_kernel():
-    """The Triton kernel of :func:`count_update_`, defined on first use."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def count_update(counts, floor, weight, skip_address, least_weight,
-                     SKIP: tl.constexpr, WARMUP: tl.constexpr):
-        go = True
-        if SKIP:
-            go = tl.load(skip_address) == 0
-        if go:
-            tl.store(counts, tl.load(counts) + 1.0)
-            tl.store(floor, least_weight)
-            if WARMUP:
-                shifted = tl.load(counts + 1) + 1.0
-                tl.store(counts + 1, shifted)
-                tl.store(weight, tl.maximum((9.0 / shifted).to(tl.float32), least_weight))
-
-    return count_update
-
-
-def count_update_(
-    counts: torch.Tensor, floor: torch.Tensor, weight: torch.Tensor,
-    skip: torch.Tensor | None, least_weight: float, *, warmup: bool,
-) -> None:
-    """The EMA's bookkeeping after a masked update, in one launch, unless *skip* holds:
-    ``counts[0]`` (float64) counts the update, *floor* becomes *least_weight*
-    (``1 − decay``); with *warmup* ``counts[1]`` (10 + the count) counts it too and
-    *weight* becomes ``max(9 / counts[1], floor)``, the next update's."""
-    cuda = counts.device.type == "cuda"  # else Triton's interpreter (TRITON_INTERPRET=1)
-    with torch.cuda.device(counts.device) if cuda else contextlib.nullcontext():
-        _count_kernel()[(1,)](counts, floor, weight, counts if skip is None else skip,
-                              float(least_weight), SKIP=skip is not None, WARMUP=warmup)
 
 
 def available(tensor: torch.Tensor) -> bool:
@@ -167,9 +145,17 @@ class MultiTensorLerp:
         """Whether a tensor of *current* no longer has the address in the table."""
         return [t.data_ptr() for t in self._current] != self._addresses
 
-    def __call__(self, weight: float | torch.Tensor, skip: torch.Tensor | None = None) -> None:
-        """Update every pair by *weight* (a float, or a 0-d float32 tensor on the pairs'
-        device), unless *skip* (a 0-d tensor there) is nonzero."""
+    def __call__(
+        self, weight: float | torch.Tensor, skip: torch.Tensor | None = None, *,
+        slot: int = 0, count: Count | None = None,
+    ) -> None:
+        """Update every pair by *weight*, unless *skip* (a 0-d tensor on the pairs' device)
+        is nonzero.
+
+        *weight* is a float, or two float32 slots on the device of which the update takes
+        ``weight[slot]``. With *count* the same launch also counts the update and writes
+        the next update's weight into the other slot (see :class:`Count`).
+        """
         on_device = isinstance(weight, torch.Tensor)
         cuda = self._device.type == "cuda"  # else Triton's interpreter (TRITON_INTERPRET=1)
         with torch.cuda.device(self._device) if cuda else contextlib.nullcontext():
@@ -178,8 +164,28 @@ class MultiTensorLerp:
                 self._chunk_tensors, self._chunk_starts,
                 0.0 if on_device else float(weight),
                 weight if on_device else self._numels,
+                slot,
                 self._numels if skip is None else skip,
+                self._numels if count is None else count.counts,
+                0.0 if count is None else count.least_weight,
                 DTYPE=self._dtype, BLOCK=BLOCK,
                 DEVICE_WEIGHT=on_device, SKIP=skip is not None, ALIGNED=self._aligned,
+                COUNT=0 if count is None else 1 + count.warmup,
                 num_warps=_WARPS,
             )
+
+
+@attrs.define
+class Count:
+    """What an update counts on the device, in its own launch.
+
+    ``counts`` (float64) holds the update count and, with ``warmup``, 10 + the count; an
+    update that is not skipped adds 1 to both and sets the next weight to
+    ``least_weight`` (``1 − decay``), with ``warmup`` to ``max(least_weight, 9 / (10 +
+    count))``; a skipped one carries its weight over. The next weight goes into the
+    weight slot this update does not read.
+    """
+
+    counts: torch.Tensor
+    least_weight: float
+    warmup: bool
