@@ -39,47 +39,48 @@ Source
     ``num_updates``.
 
 Caveats
-    Averaging starts at ``start_step``: the update at that step copies the weights, so the
-    shadow holds nothing of earlier weights. Before the first update, evaluation and
+    Averaging starts at ``start_step``: the update at that step copies the weights, so
+    the shadow holds nothing of earlier weights. Before the first update, evaluation and
     ``EMA.averaged_state_dict()`` use the training weights. Skipped optimizer steps do
     not update the average; when the host has not read the skip decision (it is still a
     device tensor), the update is masked on the device instead of waiting for it, and
     the update count and the next weight (float32) stay on the device too. On CUDA,
-    with Triton (which torch's CUDA builds bring), every update, plain or masked, is one
-    launch per dtype of a Triton kernel that reads the weight and the flag on the device
-    and updates every tensor (a plain update of weights in one buffer, below, stays one
-    ``_foreach_lerp_``); a masked update's launch also keeps the count and the next
-    weight (elsewhere three more scalar kernels, five with ``warmup``); its host
-    cost does not grow with the number of tensors, except for a check, every update,
-    that each weight still has the address the launch was built with (a ``model.to()``
-    or ``param.data =`` rebuilds it). Without Triton the plain update is torch's
-    ``_foreach_lerp_`` and the masked one torch's fused SGD kernel, which computes the
-    average and skips itself on the flag, 13–18 % slower than ``_foreach_lerp_`` on an
-    H200 (see the benchmarks); its first update computes ``θ̄ − 1·(θ̄ − θ)``, which is
-    ``θ`` up to one rounding. The masked update runs on CUDA and for float32/float64
-    shadows on the CPU; elsewhere (half-precision shadows on the CPU, whose fused kernel
-    torch leaves unfinished, and other devices) the flag is read on the host, which
-    costs nothing on the CPU and one sync elsewhere. When the selected weights of one
-    dtype already lie back to back in one buffer (a host that keeps its
-    parameters flat), the shadow mirrors that layout and each update is one kernel over
-    the whole buffer instead of a multi-tensor launch (with many small tensors most of
-    that launch's time is torch's own work on the host). That holds while the first and
-    last of them still point into the buffer, checked every update (a model moved with
-    ``.to()`` falls back to the per-tensor update); a single parameter in between
-    re-pointed with ``param.data =`` goes unnoticed there, so re-point all or none. The
-    shadow has the dtype of its parameter: keep float32 master weights (as mixed-precision training
-    does), since a bfloat16 shadow cannot hold an update of ``(1 − decay)·Δ``.
-    ``swap = "auto"`` exchanges tensor storage (``param.data``) for evaluation, which
-    moves no bytes but changes the parameters' data pointers; use ``swap = "copy"`` for
-    models captured in CUDA graphs. With ``device = "cpu"`` each update copies the
-    selected weights to the host (a host-device sync on an accelerator) and the host
-    keeps a second copy as staging. Integer buffers are not averaged: evaluation uses the
-    model's own, and a selection of integer tensors only is refused at ``setup``.
-    Sharded parameters (FSDP2's DTensors): each rank averages its own shards, without
-    gathering them; the shadow is a DTensor laid out like its parameter (so
-    ``torch.distributed.checkpoint`` saves and reshards it), evaluation copies the
-    average into the shards (``swap = "auto"`` exchanges no storage there), and
-    ``device = "cpu"`` is refused.
+    where Triton kernels run (``steadytrain.kernels.triton_runs_on``: compute capability
+    8.0 or newer, Triton installed, ``STEADYTRAIN_TRITON`` not ``0``), every update,
+    plain or masked, is one launch per dtype of a Triton kernel that reads the weight
+    and the flag on the device and updates every tensor (a plain update of weights in
+    one buffer, below, stays one ``_foreach_lerp_``); a masked update's launch also
+    keeps the count and the next weight (elsewhere three more scalar kernels, five with
+    ``warmup``); its host cost does not grow with the number of tensors, except for a
+    check, every update, that each weight still has the address the launch was built
+    with (a ``model.to()`` or ``param.data =`` rebuilds it). Without Triton the plain
+    update is torch's ``_foreach_lerp_`` and the masked one torch's fused SGD kernel,
+    which computes the average and skips itself on the flag, 13–18 % slower than
+    ``_foreach_lerp_`` on an H200 (see the benchmarks); its first update computes ``θ̄ −
+    1·(θ̄ − θ)``, which is ``θ`` up to one rounding. The masked update runs on CUDA and
+    for float32/float64 shadows on the CPU; elsewhere (half-precision shadows on the
+    CPU, whose fused kernel torch leaves unfinished, and other devices) the flag is read
+    on the host, which costs nothing on the CPU and one sync elsewhere. When the
+    selected weights of one dtype already lie back to back in one buffer (a host that
+    keeps its parameters flat), the shadow mirrors that layout and each update is one
+    kernel over the whole buffer instead of a multi-tensor launch (with many small
+    tensors most of that launch's time is torch's own work on the host). That holds
+    while the first and last of them still point into the buffer, checked every update
+    (a model moved with ``.to()`` falls back to the per-tensor update); a single
+    parameter in between re-pointed with ``param.data =`` goes unnoticed there, so
+    re-point all or none. The shadow has the dtype of its parameter: keep float32 master
+    weights (as mixed-precision training does), since a bfloat16 shadow cannot hold an
+    update of ``(1 − decay)·Δ``. ``swap = "auto"`` exchanges tensor storage
+    (``param.data``) for evaluation, which moves no bytes but changes the parameters'
+    data pointers; use ``swap = "copy"`` for models captured in CUDA graphs. With
+    ``device = "cpu"`` each update copies the selected weights to the host (a
+    host-device sync on an accelerator) and the host keeps a second copy as staging.
+    Integer buffers are not averaged: evaluation uses the model's own, and a selection
+    of integer tensors only is refused at ``setup``. Sharded parameters (FSDP2's
+    DTensors): each rank averages its own shards, without gathering them; the shadow is
+    a DTensor laid out like its parameter (so ``torch.distributed.checkpoint`` saves and
+    reshards it), evaluation copies the average into the shards (``swap = "auto"``
+    exchanges no storage there), and ``device = "cpu"`` is refused.
 """
 
 from __future__ import annotations

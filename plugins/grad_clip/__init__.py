@@ -62,22 +62,22 @@ Caveats
     same parameter are a config error. Gradients of one instance must be on one device.
     Non-finite gradients make the coefficient NaN, as with ``clip_grad_norm_``: put a
     non-finite guard before the optimizer step. ``agc`` needs the unit norms of weights
-    and gradients, which no fused kernel of torch computes over many tensors. On CUDA
-    with Triton (which torch's CUDA builds bring) one Triton launch per group, dtype
-    and size class of the units clips every unit of the group: each takes both norms
-    and scales the gradient in the same pass, reading weight and gradient once, from a
-    table of the units built at ``setup`` and the addresses of the weights and gradients
-    sent with each step (a gradient that is not contiguous sends that step down torch's
-    path). Elsewhere torch's kernels do it: tensors of up to 2²⁰ elements are stacked
-    (two norms, one scaling and a copy back per stack), larger ones take two norm
-    kernels and a scaling each. With ``norm_type`` 2 its pre- and post-clip group norms
-    come from the unit norms, without a pass over the gradients; other norm types take a
-    fused pass before and after. See the benchmarks for what each path costs. Under
-    gradient scaling (AMP), unscale before ``after_backward``. Sharded parameters
-    (FSDP2's DTensors): a group's norm covers every rank's shard, so all ranks clip by
-    the norm of the whole gradient, as one process would (one all-reduce per group);
-    ``agc`` needs the rows of each weight whole on a rank (sharded along dimension 0,
-    FSDP2's default) and refuses other layouts at ``setup``.
+    and gradients, which no fused kernel of torch computes over many tensors. On CUDA,
+    where Triton kernels run (``steadytrain.kernels.triton_runs_on``), one Triton launch
+    per group, dtype and size class of the units clips every unit of the group: each
+    takes both norms and scales the gradient in the same pass, reading weight and
+    gradient once, from a table of the units built at ``setup`` and the addresses of the
+    weights and gradients sent with each step (a gradient that is not contiguous sends
+    that step down torch's path). Elsewhere torch's kernels do it: tensors of up to 2²⁰
+    elements are stacked (two norms, one scaling and a copy back per stack), larger ones
+    take two norm kernels and a scaling each. With ``norm_type`` 2 its pre- and
+    post-clip group norms come from the unit norms, without a pass over the gradients;
+    other norm types take a fused pass before and after. See the benchmarks for what
+    each path costs. Under gradient scaling (AMP), unscale before ``after_backward``.
+    Sharded parameters (FSDP2's DTensors): a group's norm covers every rank's shard, so
+    all ranks clip by the norm of the whole gradient, as one process would (one
+    all-reduce per group); ``agc`` needs the rows of each weight whole on a rank
+    (sharded along dimension 0, FSDP2's default) and refuses other layouts at ``setup``.
 """
 
 from __future__ import annotations

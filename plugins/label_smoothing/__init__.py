@@ -60,7 +60,8 @@ Caveats
     gradient in place, so the gradient costs one pass over the logits' gradient, as with
     torch's own ``label_smoothing=`` (docs/benchmarks.md). Where nothing else reads the
     logits, there is no gradient to add the broadcast to, and the term's gradient is
-    written out whole: on CUDA with Triton by one kernel at about the speed of a copy,
+    written out whole: on CUDA, where Triton kernels run
+    (``steadytrain.kernels.triton_runs_on``), by one kernel at about the speed of a copy,
     elsewhere by torch's strided copy and a scatter. That is the case of a Hugging Face
     model trained under Accelerate's mixed precision: its loss is computed inside the
     forward pass, on autocast's float32 copy of the bf16 logits, and the outputs the
