@@ -94,7 +94,8 @@ import torch
 
 import steadytrain
 from steadytrain import validators
-from steadytrain.plugins.ema import multi_tensor
+
+from . import multi_tensor
 
 
 def ema_decay(decay: float, num_updates: int, *, warmup: bool = True) -> float:

@@ -92,7 +92,8 @@ import torch
 
 import steadytrain
 from steadytrain import validators
-from steadytrain.plugins.grad_clip import unitwise_kernel
+
+from . import unitwise_kernel
 
 MODES = ("norm", "adaptive", "agc")
 DEFAULT_GROUP = "default"

@@ -83,9 +83,10 @@ import torch
 from torch.autograd.function import once_differentiable
 
 import steadytrain
-from steadytrain.plugins.label_smoothing import gradient_kernel
 from steadytrain.sources import CHECKS, at_least_float32
 from steadytrain.validators import in_range, non_empty_str, one_of, optional
+
+from . import gradient_kernel
 
 
 def label_smoothing_term(
