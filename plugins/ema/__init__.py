@@ -182,8 +182,10 @@ class _Pairs:
     pairs (or the flat pair), rebuilt when a weight's address changed.
     """
 
-    def __init__(self, shadow: list[torch.Tensor], current: list[torch.Tensor]) -> None:
-        self.shadow, self.current = shadow, current
+    def __init__(
+        self, shadow: list[torch.Tensor], current: list[torch.Tensor], owner: str
+    ) -> None:
+        self.shadow, self.current, self.owner = shadow, current, owner
         self._flat: tuple[torch.Tensor, torch.Tensor] | None = None
         flat_current, flat_shadow = _back_to_back(current), _back_to_back(shadow)
         if flat_current is not None and flat_shadow is not None:
@@ -210,6 +212,17 @@ class _Pairs:
         sides = self._sides()
         flat = self._flat is not None
         if self._kernel is None or self._kernel[0] != flat or self._kernel[1].current_moved():
+            shadow, current = sides
+            changed = next((c for s, c in zip(shadow, current, strict=True)
+                            if c.shape != s.shape or not c.is_contiguous()), None)
+            if changed is not None:
+                raise steadytrain.UsageError(
+                    f"{self.owner}: a weight averaged here was given new storage of shape "
+                    f"{tuple(changed.shape)}{'' if changed.is_contiguous() else ', not contiguous'}"
+                    " (param.data = ...), which the one-launch update cannot average into "
+                    "its shadow; give it storage like the old (same shape, contiguous), or "
+                    "build the pipeline again after changing the model"
+                )
             self._kernel = flat, multi_tensor.MultiTensorLerp(*sides)
         return self._kernel[1]
 
@@ -375,7 +388,8 @@ class EMA(steadytrain.Plugin):
         self._staging = [torch.empty_like(t) for t in self.shadow] if moves else None
         current = self._staging or self._local_targets
         self._pairs = [
-            _Pairs([self._local_shadow[i] for i in indices], [current[i] for i in indices])
+            _Pairs([self._local_shadow[i] for i in indices], [current[i] for i in indices],
+                   owner=self.id)
             for indices in _by_kind(self._local_shadow).values()
         ]
         # Without the fused kernel a device-side flag is read on the host instead.

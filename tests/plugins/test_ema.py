@@ -609,3 +609,18 @@ def test_on_cuda_the_plugin_updates_in_one_launch_and_follows_re_pointed_weights
         torch._foreach_lerp_(reference, [p.detach() for p in model.parameters()], 0.2)
     for got, want in zip(plugin.shadow, reference, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@triton_cuda
+def test_on_cuda_a_weight_given_storage_the_launch_cannot_take_is_an_error_naming_the_instance():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)).cuda()
+    plugin = EMA(EMA.Config(decay=0.5), id="avg")
+    steadytrain.Pipeline([plugin]).setup(model)
+    plugin.update()
+    plugin.update()
+    model[1].weight.data = torch.randn(8, 4, device="cuda")[::2]  # same shape, strided
+    with pytest.raises(steadytrain.UsageError, match=r"avg: a weight .* not contiguous"):
+        plugin.update()
+    model[1].weight.data = torch.randn(4, 4, device="cuda")  # storage it can take again
+    plugin.update()
+    assert plugin.num_updates == 3
