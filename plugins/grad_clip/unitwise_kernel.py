@@ -121,6 +121,7 @@ class _Table:
         import triton.language as tl
 
         self.params = list(params)
+        self.shapes = [p.shape for p in self.params]
         device = self.params[0].device
         lengths = torch.tensor([_unit_length(p.shape) for p in self.params], dtype=torch.int64)
         units = torch.tensor([p.numel() // n if n else 0
@@ -169,11 +170,14 @@ class UnitwiseClipper:
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
         """Clip every gradient; the units' gradient norms before clipping and the factors
         they were scaled by (float32, one a unit, parameters without a gradient giving 0
-        and 1), or None, having changed nothing, when a gradient does not fit the kernel
-        (not contiguous)."""
-        # torch keeps a gradient's shape, dtype and device those of its parameter.
-        if not all(p.is_contiguous() and (p.grad is None or p.grad.is_contiguous())
-                   for table in self._tables for p in table.params):
+        and 1), or None, having changed nothing, when a tensor no longer fits the table
+        (not contiguous, or a parameter of another shape)."""
+        # torch keeps a gradient's shape, dtype and device those of its parameter; a
+        # parameter given storage of another shape since (param.data = ...) is not tabled.
+        if not all(p.shape == shape and p.is_contiguous()
+                   and (p.grad is None or p.grad.is_contiguous())
+                   for table in self._tables
+                   for p, shape in zip(table.params, table.shapes, strict=True)):
             return None
         norms, factors = [], []
         for table in self._tables:
