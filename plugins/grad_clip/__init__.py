@@ -67,17 +67,18 @@ Caveats
     per group, dtype and size class of the units clips every unit of the group: each
     takes both norms and scales the gradient in the same pass, reading weight and
     gradient once, from a table of the units built at ``setup`` and the addresses of the
-    weights and gradients sent with each step (a gradient that is not contiguous sends
-    that step down torch's path). Elsewhere torch's kernels do it: tensors of up to 2²⁰
-    elements are stacked (two norms, one scaling and a copy back per stack), larger ones
-    take two norm kernels and a scaling each. With ``norm_type`` 2 its pre- and
-    post-clip group norms come from the unit norms, without a pass over the gradients;
-    other norm types take a fused pass before and after. See the benchmarks for what
-    each path costs. Under gradient scaling (AMP), unscale before ``after_backward``.
-    Sharded parameters (FSDP2's DTensors): a group's norm covers every rank's shard, so
-    all ranks clip by the norm of the whole gradient, as one process would (one
-    all-reduce per group); ``agc`` needs the rows of each weight whole on a rank
-    (sharded along dimension 0, FSDP2's default) and refuses other layouts at ``setup``.
+    weights and gradients sent with each step (a gradient that is not contiguous, or a
+    weight given storage of another shape, sends that step down torch's path). Elsewhere
+    torch's kernels do it: tensors of up to 2²⁰ elements are stacked (two norms, one
+    scaling and a copy back per stack), larger ones take two norm kernels and a scaling
+    each. With ``norm_type`` 2 its pre- and post-clip group norms come from the unit
+    norms, without a pass over the gradients; other norm types take a fused pass before
+    and after. See the benchmarks for what each path costs. Under gradient scaling
+    (AMP), unscale before ``after_backward``. Sharded parameters (FSDP2's DTensors): a
+    group's norm covers every rank's shard, so all ranks clip by the norm of the whole
+    gradient, as one process would (one all-reduce per group); ``agc`` needs the rows of
+    each weight whole on a rank (sharded along dimension 0, FSDP2's default) and refuses
+    other layouts at ``setup``.
 """
 
 from __future__ import annotations
