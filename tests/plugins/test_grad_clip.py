@@ -9,7 +9,10 @@ import steadytrain
 from steadytrain.plugins.grad_clip import (
     ClipGroup,
     GradClip,
+    adaptive_thresholds,
+    clip_coefficients,
     clip_grad_groups_,
+    coefficient_kernel,
     grad_group_norms,
     unitwise_clip_grad_,
     unitwise_kernel,
@@ -368,6 +371,74 @@ def test_adaptive_mode_cuts_spikes_to_a_multiple_of_the_running_mean():
     # The spike at step 4 is cut to twice the running mean, well under max_norm.
     assert post[4] < 2.5
     assert limits[4] < 4.0
+
+
+def test_adaptive_thresholds_follow_the_formula_and_keep_non_finite_norms_out():
+    norms = torch.tensor([0.5, 9.0, float("nan"), float("inf")])
+    mean = torch.tensor([1.0, 1.0, 2.0, 3.0])
+    max_norms = torch.tensor([4.0, 4.0, 4.0, 4.0])
+    limits, updated = adaptive_thresholds(norms, mean, max_norms, scale=2.5, beta=0.9)
+    want_limits = [min(4.0, 2.5 * m) for m in (1.0, 1.0, 2.0, 3.0)]
+    assert limits.tolist() == pytest.approx(want_limits)
+    # The clipped norm min(norm, limit) enters the mean; NaN does not; inf is clipped.
+    want_mean = [1.0 + 0.1 * (0.5 - 1.0), 1.0 + 0.1 * (2.5 - 1.0), 2.0, 3.0 + 0.1 * (4.0 - 3.0)]
+    assert updated.tolist() == pytest.approx(want_mean)
+    # During the warmup the threshold is max_norm.
+    limits, updated = adaptive_thresholds(norms, mean, max_norms, scale=None, beta=0.9)
+    assert limits is max_norms
+    assert updated[1].item() == pytest.approx(1.0 + 0.1 * (4.0 - 1.0))
+
+
+triton_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and coefficient_kernel.available(
+        torch.empty(1, device="cuda"))), reason="needs CUDA and Triton")
+
+
+@triton_cuda
+@pytest.mark.parametrize("scale", [None, 2.5], ids=["warmup", "warm"])
+def test_on_cuda_the_coefficient_kernel_matches_torchs_kernels(scale):
+    norms = torch.tensor([0.5, 9.0, float("nan"), float("inf"), 3.9], device="cuda")
+    mean = torch.tensor([1.0, 1.0, 2.0, 3.0, 0.5], device="cuda")
+    max_norms = torch.tensor([4.0, 4.0, 4.0, 4.0, 1.0], device="cuda")
+    plain = coefficient_kernel.clip_factors(norms, max_norms)
+    want = clip_coefficients(norms, max_norms)
+    torch.testing.assert_close(plain[0], max_norms)
+    torch.testing.assert_close(plain[1], want, equal_nan=True)
+    torch.testing.assert_close(plain[2], norms * want, equal_nan=True)
+    adaptive = coefficient_kernel.clip_factors(norms, max_norms, mean, scale=scale, weight=0.1)
+    limits, updated = adaptive_thresholds(norms, mean, max_norms, scale=scale, beta=0.9)
+    want = clip_coefficients(norms, limits)
+    for got, expected in zip(adaptive, (limits, want, norms * want, updated), strict=True):
+        torch.testing.assert_close(got, expected, equal_nan=True)
+
+
+@triton_cuda
+def test_on_cuda_the_adaptive_plugin_in_one_launch_follows_the_formula_without_a_host_sync():
+    config = GradClip.Config(mode="adaptive", max_norm=4.0, factor=2.0, beta=0.9, warmup=3)
+    model = Net().cuda()
+    pipe = steadytrain.Pipeline([GradClip(config)]).setup(model)
+    post = []
+    for seed, scale in enumerate(SCALES):
+        pipe.before_step()
+        gen = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen).cuda()
+        grads = [p.grad for p in model.parameters()]
+        total = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+        torch._foreach_mul_(grads, scale / total)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            pipe.after_backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        post.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+        pipe.consolidate()
+    limits = adaptive_reference(SCALES, 4.0, 2.0, 0.9, 3)
+    for got, scale, limit in zip(post, SCALES, limits, strict=True):
+        if math.isfinite(scale):
+            assert got == pytest.approx(min(scale, limit), rel=1e-5)
+    pipe.close()
 
 
 def test_adaptive_state_resumes_bit_exact():
