@@ -12,7 +12,9 @@ Times, per update, for models of 10M to 1B float32 parameters shaped like a tran
   loop) is timed too, with and without warmup, and given as a ratio to the plain update.
 * Many small tensors (``--many``, 2000 tensors of 2100 parameters by default): the
   plugin's update against one ``lerp_`` over one flat buffer of the same bytes, a bare
-  ``torch._foreach_lerp_``, and the plugin on the same weights moved into one buffer.
+  ``torch._foreach_lerp_``, and the plugin on the same weights moved into one buffer; on
+  CUDA with Triton also where its time goes (kernel time, the host's check of the
+  weights' addresses, the launch, the launch captured in a CUDA graph and replayed).
 * Clipping: the ``grad_clip`` plugin's ``after_backward`` in each mode (two groups,
   metrics included) and the plain ``clip_grad_groups_``, against one
   ``clip_grad_norm_(foreach=True)`` per group and one over all parameters; on CUDA
@@ -244,6 +246,101 @@ def bench_many(count: int, device: str, repeat: int) -> dict[str, float]:
             lambda plugin=plugin: plugin.update(skip=keep), device, repeat)
         pipe.close()
     return results
+
+
+def host_us(fn: Callable[[], object], calls: int = 2000) -> float:
+    """Microseconds of host time per call, the device's queue drained before and after."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    spent = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return spent / calls * 1e6
+
+
+def kernel_us(fn: Callable[[], object], calls: int = 10) -> float:
+    """Microseconds of kernel time per call (torch's profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.device_time_total for e in prof.key_averages()
+               if e.device_type == torch.autograd.DeviceType.CUDA) / calls
+
+
+def many_costs(count: int) -> dict[str, float]:
+    """Where the time of the one-launch update of *count* separate tensors goes, on CUDA
+    with Triton: its kernel time against one flat ``lerp_``'s, the host time of the check
+    of the weights' addresses (as the plugin takes it, and the alternatives), of the
+    launch, and of replaying the launch captured in a CUDA graph; a fused AdamW step over
+    the same tensors for scale."""
+    from steadytrain.plugins.ema import multi_tensor
+
+    weights = list(many_small(count, "cuda").parameters())
+    shadow = [w.detach().clone() for w in weights]
+    flat_shadow = torch.cat([t.flatten() for t in shadow])
+    flat_weights = torch.cat([w.detach().flatten() for w in weights])
+    detached = [w.detach() for w in weights]
+    lerp = multi_tensor.MultiTensorLerp(shadow, detached)
+    plugin_side = multi_tensor.MultiTensorLerp(shadow, weights)
+    addresses = [w.data_ptr() for w in weights]
+    slots, flag, static_flag = (torch.full((2,), 0.001, device="cuda"),
+                                torch.tensor(False, device="cuda"),
+                                torch.zeros((), dtype=torch.bool, device="cuda"))
+    lerp(slots, static_flag)  # compiled before the capture
+    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graph.capture_begin(capture_error_mode="thread_local")
+        lerp(slots, static_flag)
+        graph.capture_end()
+    torch.cuda.current_stream().wait_stream(side)
+
+    def replay_with_flag() -> None:
+        static_flag.copy_(flag)
+        graph.replay()
+
+    for w in weights:
+        w.grad = torch.zeros_like(w)
+    adamw = torch.optim.AdamW(weights, lr=1e-4, fused=True)
+    costs = {
+        "kernel us: one-launch update": kernel_us(lambda: lerp(0.001)),
+        "kernel us: one lerp_ over a flat buffer": kernel_us(
+            lambda: flat_shadow.lerp_(flat_weights, 0.001)),
+        "kernel us: torch._foreach_lerp_": kernel_us(
+            lambda: torch._foreach_lerp_(shadow, detached, 0.001)),
+        "host us: address check, as the plugin takes it (map)": host_us(
+            plugin_side.current_moved),
+        "host us: address check, list comprehension": host_us(
+            lambda: [w.data_ptr() for w in weights] != addresses),
+        "host us: one-launch update, without the check": host_us(lambda: lerp(0.001)),
+        "host us: same, skip-aware": host_us(lambda: lerp(slots, flag)),
+        "host us: one lerp_ over a flat buffer": host_us(
+            lambda: flat_shadow.lerp_(flat_weights, 0.001)),
+        "host us: CUDA graph of the skip-aware launch, replayed": host_us(graph.replay),
+        "host us: same, the flag copied in first": host_us(replay_with_flag),
+        "elapsed us: CUDA graph replayed, back to back": 1e6 * timed(graph.replay, "cuda", 200),
+        "elapsed us: one lerp_ over a flat buffer, back to back": 1e6 * timed(
+            lambda: flat_shadow.lerp_(flat_weights, 0.001), "cuda", 200),
+        "host us: fused AdamW step over the same tensors": host_us(adamw.step, 200),
+    }
+    check = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
+    if check is not None:  # CUDA builds of torch: the check of CUDA graph trees
+        positions = list(range(count))
+        costs["host us: address check, torch._C._tensors_data_ptrs_at_indices_equal"] = host_us(
+            lambda: check(weights, addresses, positions))
+    return costs
+
+
+def multi_tensor_runs() -> bool:
+    return steadytrain.kernels.triton_runs_on(torch.device("cuda"))
 
 
 def bench_clip(model: torch.nn.Module, device: str, repeat: int) -> dict[str, float]:
@@ -478,6 +575,8 @@ def main(argv: list[str] | None = None) -> None:
         base = many["one lerp_ over a flat buffer"]
         report["many"] = {"tensors": args.many, "params": 2100 * args.many, "ema_s": many,
                           "ratio": {k: v / base for k, v in many.items()}}
+        if device == "cuda" and multi_tensor_runs():
+            report["many"]["costs"] = many_costs(args.many)
         print(json.dumps(report["many"]), flush=True)
     for millions in args.sizes:
         model = make_model(millions, device)
@@ -522,6 +621,8 @@ def print_table(report: dict) -> None:
         print(f"\n{many['tensors']} tensors, {many['params'] / 1e6:.1f}M params")
         for name, seconds in many["ema_s"].items():
             print(f"  EMA  {name:56s} {seconds * 1e3:9.4f} ms  {many['ratio'][name]:7.2f}x flat")
+        for name, value in many.get("costs", {}).items():
+            print(f"  {name:78s} {value:9.2f}")
     for run in report["runs"]:
         print(f"\n{run['params'] / 1e6:.1f}M params, {run['tensors']} tensors")
         for name, seconds in run["ema_s"].items():
