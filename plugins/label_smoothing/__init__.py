@@ -133,9 +133,17 @@ def label_smoothing_term(
     # a hook (see _TargetShare); a leaf keeps its hooks for good, so it gets all at once.
     targeted = None
     if logits.requires_grad and logits.grad_fn is not None:
-        targeted = _TargetShare(class_dim)
+        converted = isinstance(logits.grad_fn, _CONVERSION)
+        targeted = _TargetShare(class_dim, converted=converted)
         logits.register_hook(targeted)
+        if converted:
+            logits.grad_fn.register_hook(targeted.after_conversion)
     return _Smoothing.apply(logits, targets, smoothing, ignore_index, class_dim, targeted)
+
+
+#: The autograd node of ``Tensor.to``: logits made by it are a copy in another dtype (the
+#: float32 outputs of a model under Accelerate's mixed precision).
+_CONVERSION = getattr(torch._C._functions, "ToCopyBackward0", ())
 
 
 class _TargetShare:
@@ -148,12 +156,20 @@ class _TargetShare:
     gradients: twice the traffic. So a hook on the logits adds the targets' share, one
     element per target, into the summed gradient in place. The engine hands the hook
     the sum it made, which nothing else holds; when the term is the logits' only
-    consumer, the hook gets the broadcast itself and copies it first.
+    consumer, the hook gets the broadcast itself and writes the whole gradient out.
+
+    Logits that are a converted copy (*converted*: made by ``Tensor.to``, as a model's
+    float32 outputs are under Accelerate's mixed precision) and read by the term alone
+    keep the broadcast: the copy's backward converts it, reading one value per target,
+    and :meth:`after_conversion` adds the targets' share into what it wrote. Written out
+    in float32 first, the gradient would cost a pass at twice the bytes and the
+    conversion a second read of them.
     """
 
-    def __init__(self, class_dim: int) -> None:
-        self.class_dim = class_dim
+    def __init__(self, class_dim: int, *, converted: bool = False) -> None:
+        self.class_dim, self.converted = class_dim, converted
         self.pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.deferred: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, grad: torch.Tensor) -> torch.Tensor | None:
         pending, self.pending = self.pending, None
@@ -161,8 +177,26 @@ class _TargetShare:
             return None
         index, share, broadcast = pending
         if grad.data_ptr() == broadcast.data_ptr():
+            if self.converted:
+                self.deferred = index, share
+                return None
             return _whole_gradient(grad, self.class_dim, index, share)
         return grad.scatter_add_(self.class_dim, index, share.to(grad.dtype))
+
+    def after_conversion(
+        self, grad_inputs: tuple[torch.Tensor | None, ...], _grad_outputs: tuple[Any, ...]
+    ) -> tuple[torch.Tensor | None, ...] | None:
+        """The post-hook of the conversion's backward: the targets' share added to the
+        gradient it wrote, when the term alone read the copy."""
+        deferred, self.deferred = self.deferred, None
+        converted = grad_inputs[0]
+        if deferred is None or converted is None:
+            return None
+        index, share = deferred
+        if not converted.is_contiguous():  # a copy without a dtype change kept the broadcast
+            converted = converted.contiguous()
+        converted.scatter_add_(self.class_dim, index, share.to(converted.dtype))
+        return (converted, *grad_inputs[1:])
 
 
 def _whole_gradient(

@@ -370,6 +370,39 @@ def test_a_term_that_alone_reads_its_logits_gives_torchs_label_smoothed_gradient
     torch.testing.assert_close(grad, expected, rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32],
+                         ids=["float32 copy of bfloat16", "float32 copy of float32"])
+def test_a_converted_copy_read_by_the_term_alone_gets_its_gradient_through_the_conversion(
+    device, dtype, monkeypatch
+):
+    """The copy's gradient is never written out whole: the conversion's backward takes
+    the broadcast and the targets' share is added to what it writes."""
+    from steadytrain.plugins import label_smoothing
+
+    def written_out(*args):
+        raise AssertionError("the term's gradient was written out whole")
+
+    monkeypatch.setattr(label_smoothing, "_whole_gradient", written_out)
+    logits, targets = batch(4, 33, classes=5000, ignored=5)
+    logits, targets = logits.to(device, dtype), targets.to(device)
+
+    def grad_of(loss_of):
+        x = logits.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(loss_of(x), x)
+        return grad
+
+    def ce(x, **options):
+        return F.cross_entropy(x.float().flatten(0, 1), targets.flatten(), **options)
+
+    grad = grad_of(lambda x: ce(x) + label_smoothing_term(
+        x.to(torch.float32, copy=True), targets, 0.1))
+    expected = grad_of(lambda x: ce(x, label_smoothing=0.1))
+    rtol, atol = {torch.float32: (1e-5, 1e-7), torch.bfloat16: (1e-2, 1e-5)}[dtype]
+    torch.testing.assert_close(grad, expected, rtol=rtol, atol=atol)
+
+
 class TinyLM(torch.nn.Module):
     """Embeddings, a body and a head that makes the logits; returns them as a float32
     copy, as Accelerate hands over a model's outputs under mixed precision."""
