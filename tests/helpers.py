@@ -3,6 +3,7 @@
 import io
 from typing import Any
 
+import pytest
 import torch
 
 import steadytrain
@@ -14,6 +15,16 @@ def round_trip(state: Any) -> Any:
     torch.save(state, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=True)
+
+
+def skip_unless_forkable() -> None:
+    """Skip the calling test where this process sees a GPU: its ranks are forked, and a
+    forked process can neither run a backward pass once its parent has (the autograd
+    engine's threads for the GPU are not forked) nor use CUDA once its parent has."""
+    if torch.cuda.is_available():
+        pytest.skip("forks its ranks, which fails in a process that sees a GPU; run it "
+                    "with the GPU hidden: CUDA_VISIBLE_DEVICES= python -m pytest <this "
+                    "module>")
 
 
 def regularize(pipe: steadytrain.Pipeline, outputs: dict, task_loss=None) -> torch.Tensor:

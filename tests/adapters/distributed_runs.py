@@ -29,6 +29,7 @@ import torch._dynamo  # fully_shard imports it on first use: here once, before t
 import torch.distributed as dist
 import torch.distributed.checkpoint
 import torch.multiprocessing as mp
+from helpers import skip_unless_forkable
 from plain_run import CONFIG, Result, batches, make_model, make_optimizer, pipeline, samples
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
@@ -424,6 +425,7 @@ def free_ports(count: int) -> list[int]:
 
 def launch(folder: Path) -> None:
     """Fork the ranks, wait for them (at most :data:`DEADLINE` seconds), and return."""
+    skip_unless_forkable()
     ports = free_ports(4)
     context = mp.start_processes(rank_main, args=(folder, ports), nprocs=WORLD,
                                  start_method="fork", join=False)

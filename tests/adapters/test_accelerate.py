@@ -19,6 +19,7 @@ from accelerate import Accelerator, debug_launcher
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration
+from helpers import skip_unless_forkable
 from plain_run import (
     CONFIG,
     assert_same,
@@ -92,6 +93,7 @@ def train(
 
 def forked(function: Callable[[], None], processes: int = 1) -> None:
     """Run *function* in *processes* forked processes (two or more: a gloo process group)."""
+    skip_unless_forkable()
 
     def run(*_index: int) -> None:
         # A forked child must not enter OpenMP's thread pool, which the parent may have
