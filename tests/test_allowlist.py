@@ -104,7 +104,8 @@ def test_a_config_allowlist_naming_nothing_installed_is_a_config_error(site):
 
 
 def test_a_plugin_left_out_by_the_allowlist_is_never_imported(site):
-    env = {**os.environ, "PYTHONPATH": str(site), ALLOW_ENV: "acme-one"}
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, ALLOW_ENV: "acme-one"}
     env.pop(AUTOLOAD_ENV, None)
     listing = subprocess.run([sys.executable, "-m", "steadytrain", "plugins", "--json"],
                              capture_output=True, text=True, env=env, check=True).stdout

@@ -23,9 +23,16 @@ class Consolidating(Protocol):
 
 
 def consolidating_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The modules of *model* (itself included, as ``""``) that implement :class:`Consolidating`."""
+    """The modules of *model* (itself included, as ``""``) that have a ``consolidate``, the
+    member :class:`Consolidating` asks for; whether it can be called without arguments
+    is the caller's to check.
+
+    The attribute is looked up as ``hasattr`` does, on every Python: from 3.12 on
+    ``isinstance(module, Consolidating)`` looks it up statically and misses a submodule
+    registered under that name, which a caller should refuse by name instead.
+    """
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, Consolidating)
+        if hasattr(module, "consolidate")
     }
