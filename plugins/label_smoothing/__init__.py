@@ -59,16 +59,18 @@ Caveats
     gets as a broadcast, and the hook adds the target classes' share into the summed
     gradient in place, so the gradient costs one pass over the logits' gradient, as with
     torch's own ``label_smoothing=`` (docs/benchmarks.md). Where nothing else reads the
-    logits, there is no gradient to add the broadcast to, and the term's gradient is
-    written out whole: on CUDA, where Triton kernels run
-    (``steadytrain.kernels.triton_runs_on``), by one kernel at about the speed of a copy,
-    elsewhere by torch's strided copy and a scatter. That is the case of a Hugging Face
-    model trained under Accelerate's mixed precision: its loss is computed inside the
-    forward pass, on autocast's float32 copy of the bf16 logits, and the outputs the
-    Trainer hands over hold another float32 copy, made after the forward pass. There
-    set ``logits_module`` to the module that makes the logits (``"lm_head"``): the term
-    then reads its bf16 output, which the model's loss reads too, and costs what it
-    costs in a plain loop. A hook
+    logits, there is no gradient to add the broadcast to. Logits that are a converted
+    copy (made by ``Tensor.to``) hand the broadcast to the copy's backward, which
+    converts it to the source's dtype reading one value per target, and a hook on that
+    conversion adds the target classes' share. That is the case of a Hugging Face model
+    trained under Accelerate's mixed precision: its loss is computed inside the forward
+    pass, on autocast's float32 copy of the bf16 logits, and the outputs the Trainer
+    hands over hold another float32 copy, made after the forward pass, which only the
+    term reads. Other logits that only the term reads get its gradient written out
+    whole: on CUDA, where Triton kernels run (``steadytrain.kernels.triton_runs_on``), by
+    one kernel at about the speed of a copy, elsewhere by torch's strided copy and a
+    scatter. ``logits_module`` set to the module that makes the logits (``"lm_head"``)
+    has the term read that module's output, which the host's loss reads too. A hook
     that the host registers on the logits before the term is computed sees their
     gradient without that share.
 """
