@@ -25,9 +25,9 @@ For transformers both variants pass ``logging_nan_inf_filter=False`` unless
 ``--logging-nan-inf-filter true``: the Trainer's default filter reads every step's loss
 on the host (``torch.isnan``, ``torch.isinf``), two syncs per step in either variant.
 Through the transformers adapter the label-smoothing term reads the logits from the
-model's head (``logits_module = "gpt.lm_head"``), as docs/transformers.md advises under
-mixed precision; ``--logits-from outputs`` has it read the Trainer's outputs instead
-(Accelerate's float32 copy of the logits).
+model's head (``logits_module = "gpt.lm_head"``, docs/transformers.md);
+``--logits-from outputs`` has it read the Trainer's outputs instead (Accelerate's float32
+copy of the logits).
 
 The variants alternate: every round trains ``--steps`` steps of each (a fresh
 ``Trainer.fit`` or ``Trainer.train`` per round, which keeps the optimizer; the Lightning
