@@ -1,6 +1,8 @@
 """Small helpers shared by the test modules."""
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -15,6 +17,17 @@ def round_trip(state: Any) -> Any:
     torch.save(state, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=True)
+
+
+@contextmanager
+def no_host_sync() -> Iterator[None]:
+    """Any host-device synchronization inside is an error (torch's sync debug mode)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def skip_unless_forkable() -> None:

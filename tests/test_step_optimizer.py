@@ -6,12 +6,13 @@ or no step at all), and the weights and optimizer states must agree bit for bit.
 """
 
 import copy
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import pytest
 import torch
 from exact import assert_same
 from expect import raises
+from helpers import no_host_sync
 
 import steadytrain
 from steadytrain import Pipeline, SkipRequest, StepOutcome, UsageError, step_optimizer
@@ -224,17 +225,6 @@ def test_step_optimizer_is_public_api_of_the_core_not_of_a_plugin():
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 #: Fused Adagrad is CPU-only in torch.
 FUSED_ON_CUDA = {name: make for name, make in FUSED.items() if name != "Adagrad"}
-
-
-@contextmanager
-def no_host_sync():
-    """Any host-device synchronization inside is an error (torch's sync debug mode)."""
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 @cuda

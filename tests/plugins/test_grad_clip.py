@@ -3,7 +3,7 @@ import tomllib
 
 import pytest
 import torch
-from helpers import round_trip
+from helpers import no_host_sync, round_trip
 
 import steadytrain
 from steadytrain.plugins.grad_clip import (
@@ -257,12 +257,8 @@ def test_on_cuda_the_agc_plugin_clips_in_one_launch_like_torchs_kernels(monkeypa
         pipe.before_step()
         for index, (mine, p) in enumerate(zip(model, params, strict=True)):
             mine.grad = None if index == 5 else p.grad.clone()  # one without a gradient
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with no_host_sync():
             pipe.after_backward()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
         pipe.consolidate()
         metrics = pipe.metrics()
         pipe.close()
@@ -426,12 +422,8 @@ def test_on_cuda_the_adaptive_plugin_in_one_launch_follows_the_formula_without_a
         grads = [p.grad for p in model.parameters()]
         total = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
         torch._foreach_mul_(grads, scale / total)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with no_host_sync():
             pipe.after_backward()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
         post.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
         pipe.consolidate()
     limits = adaptive_reference(SCALES, 4.0, 2.0, 0.9, 3)

@@ -347,44 +347,29 @@ def test_bfloat16_logits_match_torchs_label_smoothed_cross_entropy():
     torch.testing.assert_close(loss.double(), torch_loss.double(), rtol=1e-2, atol=0)
 
 
+#: Float32 logits that only the term reads, made from the host's logits.
+ALONE = {"by a product": lambda x: x.float() * 1,
+         "by a conversion": lambda x: x.to(torch.float32, copy=True)}
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_term_that_alone_reads_its_logits_gives_torchs_label_smoothed_gradient(device, dtype):
-    """As under Accelerate's mixed precision: the host's cross-entropy reads one float32
-    copy of the logits and the term another, whose gradient is then the term's alone."""
-    logits, targets = batch(4, 33, classes=5000, ignored=5)
-    logits, targets = logits.to(device, dtype), targets.to(device)
-
-    def grad_of(loss_of):
-        x = logits.clone().requires_grad_()
-        (grad,) = torch.autograd.grad(loss_of(x), x)
-        return grad
-
-    def ce(x, **options):
-        return F.cross_entropy(x.float().flatten(0, 1), targets.flatten(), **options)
-
-    grad = grad_of(lambda x: ce(x) + label_smoothing_term(x.float(), targets, 0.1))
-    expected = grad_of(lambda x: ce(x, label_smoothing=0.1))
-    rtol, atol = {torch.float32: (1e-5, 1e-7), torch.bfloat16: (1e-2, 1e-5)}[dtype]
-    torch.testing.assert_close(grad, expected, rtol=rtol, atol=atol)
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA"))])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32],
-                         ids=["float32 copy of bfloat16", "float32 copy of float32"])
-def test_a_converted_copy_read_by_the_term_alone_gets_its_gradient_through_the_conversion(
-    device, dtype, monkeypatch
+@pytest.mark.parametrize("made", list(ALONE))
+def test_logits_that_only_the_term_reads_get_torchs_label_smoothed_gradient(
+    device, dtype, made, monkeypatch
 ):
-    """The copy's gradient is never written out whole: the conversion's backward takes
-    the broadcast and the targets' share is added to what it writes."""
+    """As under Accelerate's mixed precision: the host's cross-entropy reads one float32
+    copy of the logits and the term another, whose gradient is then the term's alone.
+    Logits made by a conversion never have it written out whole: the conversion's
+    backward takes the broadcast and the targets' share is added to what it writes."""
     from steadytrain.plugins import label_smoothing
 
-    def written_out(*args):
-        raise AssertionError("the term's gradient was written out whole")
+    if made == "by a conversion":
+        def written_out(*args):
+            raise AssertionError("the term's gradient was written out whole")
 
-    monkeypatch.setattr(label_smoothing, "_whole_gradient", written_out)
+        monkeypatch.setattr(label_smoothing, "_whole_gradient", written_out)
     logits, targets = batch(4, 33, classes=5000, ignored=5)
     logits, targets = logits.to(device, dtype), targets.to(device)
 
@@ -396,8 +381,7 @@ def test_a_converted_copy_read_by_the_term_alone_gets_its_gradient_through_the_c
     def ce(x, **options):
         return F.cross_entropy(x.float().flatten(0, 1), targets.flatten(), **options)
 
-    grad = grad_of(lambda x: ce(x) + label_smoothing_term(
-        x.to(torch.float32, copy=True), targets, 0.1))
+    grad = grad_of(lambda x: ce(x) + label_smoothing_term(ALONE[made](x), targets, 0.1))
     expected = grad_of(lambda x: ce(x, label_smoothing=0.1))
     rtol, atol = {torch.float32: (1e-5, 1e-7), torch.bfloat16: (1e-2, 1e-5)}[dtype]
     torch.testing.assert_close(grad, expected, rtol=rtol, atol=atol)
