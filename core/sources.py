@@ -42,6 +42,18 @@ from .validators import non_negative_int, one_of, optional, positive
 CHECKS = ("auto", "every_step", "first_step", "never")
 
 
+def check_due(policy: str, tensor: torch.Tensor, *, checked: bool) -> bool:
+    """Whether a value check (one host sync) is due for *tensor* under *policy*, one of
+    :data:`CHECKS`: ``"every_step"`` always, ``"never"`` never, ``"first_step"`` until a
+    check was made (*checked*), and ``"auto"`` always on the CPU, where reading values
+    costs nothing, else as ``"first_step"``."""
+    if policy == "never":
+        return False
+    if policy == "every_step" or (policy == "auto" and tensor.device.type == "cpu"):
+        return True
+    return not checked
+
+
 def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     """*tensor* as float32 when it is of a narrower type (bool, half, bfloat16, integer).
 
@@ -113,7 +125,7 @@ class TensorRegularizer(Plugin):
     ) -> torch.Tensor:
         """*term* of every input tensor of this micro-batch, averaged."""
         inputs = self.inputs(ctx)
-        if self._check_due(inputs[0][1]):
+        if check_due(self.config.check, inputs[0][1], checked=self._checked):
             for label, tensor in inputs:
                 problem = self.check_values(tensor)
                 if problem is not None:
@@ -129,14 +141,6 @@ class TensorRegularizer(Plugin):
             except ValueError as exc:
                 raise ConfigError(f"{self.id}: {label}: {exc}") from None
         return mean_of(terms)
-
-    def _check_due(self, tensor: torch.Tensor) -> bool:
-        check = self.config.check
-        if check == "never":
-            return False
-        if check == "every_step" or (check == "auto" and tensor.device.type == "cpu"):
-            return True
-        return not self._checked
 
     def inputs(self, ctx: StepContext) -> list[tuple[str, torch.Tensor]]:
         """``(label, tensor)`` for every input of this micro-batch, calls stacked as time."""
@@ -226,6 +230,7 @@ __all__ = [
     "SourceOptions",
     "TensorRegularizer",
     "at_least_float32",
+    "check_due",
     "check_probabilities",
     "mean_of",
     "stack_calls",

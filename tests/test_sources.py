@@ -394,3 +394,14 @@ def test_the_documents_loss_assembled_from_a_config():
     optimizer.step()
     pipe.after_backward()
     pipe.consolidate()
+
+
+@pytest.mark.parametrize(("policy", "device", "checked", "due"), [
+    ("every_step", "cpu", True, True), ("never", "cpu", False, False),
+    ("first_step", "cpu", False, True), ("first_step", "cpu", True, False),
+    ("auto", "cpu", True, True), ("auto", "meta", False, True), ("auto", "meta", True, False),
+])
+def test_check_due_follows_each_policy(policy, device, checked, due):
+    from steadytrain.sources import check_due
+
+    assert check_due(policy, torch.empty(1, device=device), checked=checked) is due

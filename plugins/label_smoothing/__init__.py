@@ -85,7 +85,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 import steadytrain
-from steadytrain.sources import CHECKS, at_least_float32
+from steadytrain.sources import CHECKS, at_least_float32, check_due
 from steadytrain.validators import in_range, non_empty_str, one_of, optional
 
 from . import gradient_kernel
@@ -315,7 +315,7 @@ class LabelSmoothing(steadytrain.Plugin):
         config = self.config
         logits = self._logits(ctx)
         targets = self._targets(ctx)
-        check = self._check_due(targets)
+        check = check_due(self.config.check, targets, checked=self._checked)
         try:
             term = label_smoothing_term(
                 logits, targets, config.smoothing, config.ignore_index, config.class_dim,
@@ -327,14 +327,6 @@ class LabelSmoothing(steadytrain.Plugin):
             raise steadytrain.ConfigError(f"{self.id}.{option}: {exc.message}") from None
         self._checked = self._checked or check
         return {"smoothing": term}
-
-    def _check_due(self, targets: torch.Tensor) -> bool:
-        check = self.config.check
-        if check == "never":
-            return False
-        if check == "every_step" or (check == "auto" and targets.device.type == "cpu"):
-            return True
-        return not self._checked
 
     def _logits(self, ctx: steadytrain.StepContext) -> torch.Tensor:
         if self._module is not None:
