@@ -229,14 +229,14 @@ class _Pairs:
     def copy(self) -> None:
         torch._foreach_copy_(*self._sides())
 
-    def lerp(self, weight: float) -> None:
+    def lerp(self, decay: float) -> None:
         sides = self._sides()
         # One pair (a flat buffer): torch's single kernel costs the host less than a launch.
         launcher = self._launcher() if len(sides[0]) > 1 else None
         if launcher is not None:
-            launcher(weight)
+            launcher(1.0 - decay)
         else:
-            torch._foreach_lerp_(*sides, weight)
+            ema_update_(*sides, decay)
 
     def masked_lerp(self, weight: torch.Tensor, skip: torch.Tensor) -> None:
         """torch's path: *weight* and *skip* 0-d float32 tensors."""
@@ -446,7 +446,7 @@ class EMA(steadytrain.Plugin):
         else:
             decay = ema_decay(self.config.decay, self._count, warmup=self.config.warmup)
             for pairs in self._pairs:
-                pairs.lerp(1.0 - decay)
+                pairs.lerp(decay)
             self._count += 1
 
     def _masked_update(self, skip: torch.Tensor | None) -> None:

@@ -477,16 +477,15 @@ class GradClip(steadytrain.Plugin):
         if not derived:
             norms = grad_group_norms(grads, self._norm_types, device=self._device)
         before, after = [], []
-        for group, params, clipper in zip(self.groups, self.params, self._clippers,
-                                          strict=True):
-            with_grads = [p for p in params if p.grad is not None]
-            if not with_grads:
+        for group, params, clipper, group_grads in zip(self.groups, self.params,
+                                                       self._clippers, grads, strict=True):
+            if not group_grads:
                 before.append(self._zero)
                 after.append(self._zero)
                 continue
             clipped = None if clipper is None else clipper(group.clipping, self.config.eps)
             grad_norms, factors = clipped or _unitwise_clip_(
-                with_grads, group.clipping, self.config.eps)
+                [p for p in params if p.grad is not None], group.clipping, self.config.eps)
             if derived:
                 # The group's 2-norm is the 2-norm of its unit norms: no pass over the
                 # gradients, before or after the scaling.

@@ -172,18 +172,24 @@ class UnitwiseClipper:
         they were scaled by (float32, one a unit, parameters without a gradient giving 0
         and 1), or None, having changed nothing, when a tensor no longer fits the table
         (not contiguous, or a parameter of another shape)."""
-        # torch keeps a gradient's shape, dtype and device those of its parameter; a
-        # parameter given storage of another shape since (param.data = ...) is not tabled.
-        if not all(p.shape == shape and p.is_contiguous()
-                   and (p.grad is None or p.grad.is_contiguous())
-                   for table in self._tables
-                   for p, shape in zip(table.params, table.shapes, strict=True)):
-            return None
-        norms, factors = [], []
+        # Every table's addresses first, in one pass over the parameters: a tensor that
+        # does not fit must stop the call before any launch changed a gradient. torch
+        # keeps a gradient's shape, dtype and device those of its parameter; a parameter
+        # given storage of another shape since (param.data = ...) is not tabled.
+        listings = []
         for table in self._tables:
+            weights, grads = [], []
+            for p, shape in zip(table.params, table.shapes, strict=True):
+                grad = p.grad
+                if p.shape != shape or not p.is_contiguous() or (
+                        grad is not None and not grad.is_contiguous()):
+                    return None
+                weights.append(p.data_ptr())
+                grads.append(0 if grad is None else grad.data_ptr())
+            listings.append(weights + grads)
+        norms, factors = [], []
+        for table, listed in zip(self._tables, listings, strict=True):
             params = table.params
-            listed = [p.data_ptr() for p in params] + [
-                0 if p.grad is None else p.grad.data_ptr() for p in params]
             aligned = all(address % 16 == 0 for address in listed)
             addresses = torch.tensor(listed, dtype=torch.int64)
             grad_norms = torch.empty(table.units, dtype=torch.float32, device=table.device)
